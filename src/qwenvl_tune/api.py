@@ -1,0 +1,122 @@
+"""The library API: ``train``, ``evaluate``, ``predict``. The CLI only parses arguments and calls these.
+
+    from qwenvl_tune import api
+    run = api.train(api.build_config("configs/demo.yaml"))
+    metrics = api.evaluate(run, "valid")
+    rows = api.predict(run, ["scan.jpg"])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import Config, build_config
+from .data.check import check_split
+from .data.collate import Encoder, GenerateCollator, RecordDataset
+from .data.images import load_image
+from .evaluation.metrics import aggregate, parse_json, score_sample
+from .inference.generate import generate_batch, generate_for_images, stop_token_ids
+from .modeling.load import load_for_inference
+from .training.checkpoints import read_run_config
+from .training.run import train
+
+__all__ = ["build_config", "train", "evaluate", "predict", "Config"]
+
+
+def _free(model: Any) -> None:
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate_split(model: Any, processor: Any, config: Config, records: list) -> tuple[list[str], list[bool]]:
+    enc = Encoder(processor, config.data.system_message)
+    ds = RecordDataset(records, enc, "generate", config.data.max_image_pixels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=config.generate.batch_size, shuffle=False,
+                                         collate_fn=GenerateCollator(enc.pad_id), num_workers=0)
+    stop = stop_token_ids(model, processor)
+    texts: list[str] = []
+    cut: list[bool] = []
+    for batch in loader:
+        t, c = generate_batch(model, processor, batch, config.generate.max_new_tokens, stop)
+        texts += t
+        cut += c
+    return texts, cut
+
+
+def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", compare_base: bool = False,
+             data_path: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Score the run's ``best`` (or ``last``) model on a split; writes ``eval/<split>/`` in the run folder.
+
+    Returns:
+        {"finetuned": metrics, "base": metrics (with compare_base), "n": samples, "skipped": invalid rows}
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    report = check_split(data_path or config.data.path, split, max_image_pixels=config.data.max_image_pixels)
+    records = report.records[:limit] if limit else report.records
+    out_dir = run_dir / "eval" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which}
+    outputs: dict[str, tuple[list[str], list[bool]]] = {}
+    for name, base_only in (("finetuned", False), ("base", True)) if compare_base else (("finetuned", False),):
+        model, processor, _ = load_for_inference(run_dir, which, config, base_only=base_only)
+        outputs[name] = _generate_split(model, processor, config, records)
+        _free(model)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        scores: dict[str, list] = {name: [] for name in outputs}
+        for i, r in enumerate(records):
+            row: dict[str, Any] = {"id": r.id, "image": str(r.image_path), "gold": r.suffix}
+            for name, (texts, cut) in outputs.items():
+                s = score_sample(texts[i], r.suffix, truncated=cut[i])
+                scores[name].append(s)
+                ok, parsed = parse_json(texts[i])
+                row[name] = {"raw": texts[i], "parsed": parsed if ok else None, "scores": s.to_dict()}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for name, s in scores.items():
+        results[name] = aggregate(s)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    if report.errors:
+        results["problems"] = [str(p) for p in report.errors]
+    return results
+
+
+def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | None = None, *, which: str = "best",
+            compare_base: bool = False) -> list[dict[str, Any]]:
+    """Extract JSON from image files with a run's model; one dict per image, in order.
+
+    Each dict has ``image``, ``output`` (raw text), ``json`` (parsed or None), ``valid``,
+    ``truncated``, and with ``compare_base`` the same under ``base``. An unreadable
+    image gets an ``error`` entry instead of stopping the others.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    prompt = prompt or config.data.prompt
+    rows: list[dict[str, Any]] = [{"image": str(p)} for p in images]
+    loaded: list[tuple[int, Any]] = []
+    for i, p in enumerate(images):
+        try:
+            loaded.append((i, load_image(p, max_pixels=config.data.max_image_pixels)))
+        except Exception as e:  # noqa: BLE001 - reported per input, the others still run
+            rows[i]["error"] = str(e)
+    variants = (("finetuned", False), ("base", True)) if compare_base else (("finetuned", False),)
+    for name, base_only in variants:
+        if not loaded:
+            break
+        model, processor, _ = load_for_inference(run_dir, which, config, base_only=base_only)
+        texts, cut = generate_for_images(model, processor, [im for _, im in loaded], [prompt] * len(loaded),
+                                         config.data.system_message, config.generate.batch_size,
+                                         config.generate.max_new_tokens)
+        _free(model)
+        for (i, _), text, c in zip(loaded, texts, cut):
+            ok, parsed = parse_json(text)
+            entry = {"output": text, "json": parsed if ok else None, "valid": ok, "truncated": c}
+            if name == "finetuned":
+                rows[i].update(entry)
+            else:
+                rows[i]["base"] = entry
+    return rows

@@ -1,0 +1,118 @@
+"""qwenvl-tune command line: parse, call the library, print. No logic lives here.
+
+    qwenvl-tune train --data ./Data --model Qwen/Qwen2.5-VL-3B-Instruct --method qlora
+    qwenvl-tune train --config configs/qwen2_5_vl_3b_lora.yaml --lora.r 16
+    qwenvl-tune evaluate --run runs/NAME --split valid [--compare-base]
+    qwenvl-tune predict --run runs/NAME scan1.jpg scan2.jpg [--prompt "..."] [--compare-base]
+    qwenvl-tune check ./Data [--config ...] [--json]
+    qwenvl-tune demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .config import ConfigError, iter_fields
+
+# Short spellings for the fields users type most; each maps to one config field.
+ALIASES = {"data": "data.path", "model": "model.name_or_path", "method": "model.method", "name": "run.name",
+           "output-dir": "run.output_dir", "skip-invalid": "data.skip_invalid"}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (see configs/); dotted options below override it.")
+    for alias, dest in ALIASES.items():
+        p.add_argument(f"--{alias}", dest=f"cfg:{dest}", default=argparse.SUPPRESS, metavar="VALUE",
+                       help=f"Same as --{dest}.", **({"nargs": "?", "const": "true"} if alias == "skip-invalid" else {}))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f, tp in iter_fields():
+        section = name.split(".")[0]
+        g = groups.setdefault(section, p.add_argument_group(f"{section} options"))
+        default = f.default if f.default is not __import__("dataclasses").MISSING else f.default_factory()
+        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=str(tp).replace("typing.", ""),
+                       help=f"{f.metadata.get('help', '')} (default: {default!r})")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: v for k, v in vars(ns).items() if k.startswith("cfg:")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwenvl-tune", description="Fine-tune Qwen-VL models to read documents into JSON.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="Fine-tune a model; writes a run folder.")
+    _add_config_args(t)
+    e = sub.add_parser("evaluate", help="Score a run's best model on a split.")
+    e.add_argument("--run", required=True, help="Run folder (runs/NAME).")
+    e.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--compare-base", action="store_true", help="Also score the base model.")
+    e.add_argument("--data", help="Dataset folder (default: the run's data.path).")
+    e.add_argument("--limit", type=int, help="Score only the first N samples.")
+    pr = sub.add_parser("predict", help="Extract JSON from document images with a run's model.")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--prompt", help="Instruction (default: the run's data.prompt).")
+    pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    pr.add_argument("--compare-base", action="store_true", help="Also show the base model's answer.")
+    c = sub.add_parser("check", help="Validate a dataset and report what is wrong, per file and line.")
+    c.add_argument("path", help="Dataset folder.")
+    _add_config_args(c)
+    c.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    d = sub.add_parser("demo", help="Sample documents + tiny model: the whole loop on CPU in minutes.")
+    d.add_argument("--out", default="demo_output", help="Folder for the demo's data, model and run.")
+    return p
+
+
+def format_metrics(results: dict[str, Any]) -> str:
+    from .evaluation.metrics import SCALAR_METRICS
+
+    cols = [k for k in ("finetuned", "base") if k in results]
+    lines = [f"{'metric':<18}" + "".join(f"{c:>12}" for c in cols), "-" * (18 + 12 * len(cols))]
+    for m in SCALAR_METRICS:
+        lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>12.3f}" for c in cols))
+    lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>12d}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .data.records import DataError
+
+    try:
+        if args.command == "train":
+            from .api import build_config, train
+
+            run = train(build_config(args.config, _overrides(args)))
+            print(f"\nrun folder: {run}\nnext: qwenvl-tune evaluate --run {run}")
+        elif args.command == "evaluate":
+            from .api import evaluate
+
+            res = evaluate(args.run, args.split, which=args.checkpoint, compare_base=args.compare_base,
+                           data_path=args.data, limit=args.limit)
+            print(format_metrics(res))
+            print(f"\nwritten: {args.run}/eval/{args.split}/")
+        elif args.command == "predict":
+            from .api import predict
+
+            for row in predict(args.run, args.images, args.prompt, which=args.checkpoint, compare_base=args.compare_base):
+                print(json.dumps(row, ensure_ascii=False, indent=2))
+        elif args.command == "check":
+            from .data.report import run_check
+
+            return run_check(args.path, args.config, _overrides(args), as_json=args.json)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

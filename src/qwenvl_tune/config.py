@@ -1,0 +1,268 @@
+"""One typed configuration for every command.
+
+Three layers, applied in order: the dataclass defaults below, a YAML preset
+(``--config configs/qwen2_5_vl_3b_qlora.yaml``) and dotted command-line
+overrides (``--lora.r 16``). Each field exists once, here; its ``help`` text is
+the CLI help. Unknown keys are rejected with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and why."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Dataset folder holding train/, valid/ (or val/) and optional test/, each with annotations.jsonl.")
+    system_message: str | None = _f(None, "System message; none by default, so the model's chat template decides.")
+    prompt: str = _f("extract data in JSON format", "Instruction used by predict and serve when none is given.")
+    min_pixels: int = _f(256 * 28 * 28, "Smallest image area (pixels) the processor resizes to.")
+    max_pixels: int = _f(1280 * 28 * 28, "Largest image area (pixels) the processor resizes to.")
+    max_length: int = _f(4096, "Longest training sequence in tokens; a longer sample is an error naming it (never truncated).")
+    max_image_pixels: int = _f(178_956_970, "Decompression-bomb guard: images with more pixels than this are rejected.")
+    skip_invalid: bool = _f(False, "Skip rows that fail the data check (each one is reported and recorded) instead of stopping.")
+    num_workers: int = _f(2, "DataLoader worker processes for image decoding and tokenisation.")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(8, "LoRA rank.")
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = _f(["q_proj", "v_proj"], "Module name suffixes that get adapters ('all-linear' for every linear layer).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint.")
+    method: Literal["lora", "qlora", "full"] = _f("lora", "lora: bf16 base + adapters; qlora: 4-bit NF4 base + adapters; full: all weights.")
+    dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", "Dtype of the (non-quantised) base weights.")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...).")
+    train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = _f(10, "Number of passes over the training split.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: no limit).")
+    batch_size: int = _f(1, "Samples per micro-batch.")
+    accumulate_grad_batches: int = _f(8, "Micro-batches per optimizer step.")
+    lr: float = _f(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(50, "Linear warm-up steps, then linear decay to zero.")
+    gradient_clip_val: float = _f(1.0, "Clip the gradient norm to this value (0: off).")
+    precision: str = _f("bf16-mixed", "Lightning precision: bf16-mixed, 16-mixed, 32-true, ...")
+    check_val_every_n_epoch: int = _f(2, "Validate every N epochs (on the whole validation split).")
+    limit_val_batches: float | None = _f(None, "Validate on this many batches (int) or fraction (float); off by default.")
+    monitor: str = _f("val/field_f1", "Validation metric for early stopping and best/.")
+    monitor_mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller monitored value is better.")
+    early_stopping_patience: int = _f(3, "Validations without improvement before stopping (0: off).")
+    seed: int = _f(42, "Seed for Python, NumPy and torch, set once at start.")
+    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
+    devices: int = _f(1, "Devices per node.")
+    log_every_n_steps: int = _f(10, "Logging interval in optimizer steps.")
+    keep_checkpoints: int = _f(3, "Epoch checkpoints kept in checkpoints/ (best/ and last/ are always kept).")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = _f(1024, "Longest generated answer in tokens.")
+    batch_size: int = _f(4, "Samples per generation batch (left-padded).")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs", "Folder under which run folders are created.")
+    name: str | None = _f(None, "Run folder name (default: a timestamp).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def validate(self) -> "Config":
+        d, t = self.data, self.train
+        if d.min_pixels <= 0 or d.max_pixels < d.min_pixels:
+            raise ConfigError(f"data.min_pixels ({d.min_pixels}) must be > 0 and <= data.max_pixels ({d.max_pixels})")
+        for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if self.lora.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.lora.r}")
+        if self.model.method == "qlora" and self.model.dtype == "float32":
+            raise ConfigError("model.method=qlora computes in model.dtype; use bfloat16 (or float16), not float32")
+        return self
+
+
+# --------------------------------------------------------------------------- field walking
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted name, field, resolved type) for every leaf field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def _leaf_types() -> dict[str, Any]:
+    return {name: tp for name, _, tp in iter_fields()}
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if not close:
+        tail = key.rsplit(".", 1)[-1]
+        close = [o for o in options if o.rsplit(".", 1)[-1] == tail][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(name, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [coerce(name, args[0], v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply(config: Config, values: dict[str, Any], source: str) -> Config:
+    """Set dotted keys on config (in place), validating names and types."""
+    leaves = _leaf_types()
+    for key, value in values.items():
+        if key not in leaves:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, list(leaves))}")
+        obj: Any = config
+        *parents, last = key.split(".")
+        for p in parents:
+            obj = getattr(obj, p)
+        try:
+            setattr(obj, last, coerce(key, leaves[key], value))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return flatten(raw)
+
+
+def build_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML preset, then dotted overrides; validated."""
+    config = Config()
+    if yaml_path:
+        apply(config, load_yaml(yaml_path), str(yaml_path))
+    if overrides:
+        apply(config, overrides, "command line")
+    return config.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    return apply(Config(), flatten(d), "saved config").validate()

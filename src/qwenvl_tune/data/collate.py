@@ -1,0 +1,144 @@
+"""Samples -> tensors. The label mask is built here, where the prompt is built.
+
+Prompt and target are tokenised separately and concatenated: the labels are
+-100 on every prompt position (system, user, image) and on padding, and the
+token ids themselves on the answer and its end-of-turn marker. No token id is
+looked for after the fact, so none is hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .conversation import render
+from .images import load_image
+from .records import DataError, Record
+
+IGNORE_INDEX = -100
+
+
+class SampleTooLongError(DataError):
+    """A sample does not fit ``data.max_length``; it is never truncated through image tokens."""
+
+
+@dataclass
+class Encoder:
+    """Turns (image, prefix[, answer]) into model inputs with one processor and one system message."""
+
+    processor: Any
+    system_message: str | None = None
+    max_length: int | None = None
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _prompt(self, image: Image.Image, prompt_text: str) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
+        out = {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+        if "mm_token_type_ids" in enc:
+            out["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
+        return out
+
+    def _text_ids(self, text: str) -> torch.Tensor:
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def encode_train(self, image: Image.Image, prefix: str, answer: str, where: Record | None = None) -> dict[str, Any]:
+        turns = render(self.processor, prefix, self.system_message, answer)
+        enc = self._prompt(image, turns.prompt)
+        target, tail = self._text_ids(turns.target), self._text_ids(turns.tail)
+        prompt_ids = enc.pop("input_ids")
+        input_ids = torch.cat([prompt_ids, target, tail])
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            file, line = (where.file, where.line) if where else (None, None)
+            raise SampleTooLongError(
+                f"sample is {len(input_ids)} tokens ({len(prompt_ids)} prompt incl. image, {len(target)} answer), "
+                f"over data.max_length={self.max_length}; raise max_length or lower data.max_pixels", file, line, "suffix")
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[len(prompt_ids): len(prompt_ids) + len(target)] = target
+        enc["input_ids"], enc["labels"] = input_ids, labels
+        if "mm_token_type_ids" in enc:
+            enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(target) + len(tail), dtype=torch.long)])
+        return enc
+
+    def encode_prompt(self, image: Image.Image, prefix: str) -> dict[str, Any]:
+        return self._prompt(image, render(self.processor, prefix, self.system_message).prompt)
+
+
+def _pad(seqs: Sequence[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), n), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, n - len(s):] = s
+        else:
+            out[i, : len(s)] = s
+    return out
+
+
+def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool) -> dict[str, Any]:
+    """Pad a list of encoded samples into a batch. Training pads right; generation pads left."""
+    batch: dict[str, Any] = {
+        "input_ids": _pad([it["input_ids"] for it in items], pad_id, left),
+        "attention_mask": _pad([torch.ones_like(it["input_ids"]) for it in items], 0, left),
+        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+        "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
+    }
+    if "labels" in items[0]:
+        batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left)
+    if "mm_token_type_ids" in items[0]:
+        batch["mm_token_type_ids"] = _pad([it["mm_token_type_ids"] for it in items], 0, left)
+    for key in ("ids", "targets"):
+        if key in items[0]:
+            batch[key] = [it[key] for it in items]
+    return batch
+
+
+class TrainCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        return collate(items, self.pad_id, left=False)
+
+
+class GenerateCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        return collate(items, self.pad_id, left=True)
+
+
+class RecordDataset(Dataset):
+    """Records -> encoded samples, decoding images lazily (in DataLoader workers).
+
+    ``mode='train'`` yields input_ids + labels; ``mode='generate'`` yields the
+    prompt only plus the gold target text for scoring.
+    """
+
+    def __init__(self, records: Sequence[Record], encoder: Encoder, mode: str = "train", max_image_pixels: int = 178_956_970):
+        if mode not in ("train", "generate"):
+            raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
+        self.records, self.encoder, self.mode, self.max_image_pixels = list(records), encoder, mode, max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        image = load_image(r.image_path, max_pixels=self.max_image_pixels, where=(r.file, r.line))
+        if self.mode == "train":
+            item = self.encoder.encode_train(image, r.prefix, r.target_text, where=r)
+        else:
+            item = self.encoder.encode_prompt(image, r.prefix)
+        item["ids"] = r.id
+        item["targets"] = r.target_text
+        return item

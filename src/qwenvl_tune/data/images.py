@@ -1,0 +1,91 @@
+"""The one image loader: safe decoding, EXIF orientation, mode normalisation to RGB."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .records import ImageError
+
+# Qwen-VL patches are 14 px and merged 2x2, so the processor needs at least 28 px a side.
+MIN_SIDE = 28
+# The processor rejects images whose long side is more than 200x the short side.
+MAX_ASPECT = 200
+
+
+def load_image(
+    path: str | Path,
+    *,
+    max_pixels: int = 178_956_970,
+    where: tuple[str | None, int | None] = (None, None),
+) -> Image.Image:
+    """Open an image file as an RGB PIL image.
+
+    EXIF orientation is applied once; grayscale, palette, CMYK and 16-bit images
+    are converted; transparency is composited on white.
+
+    Args:
+        path: the image file.
+        max_pixels: decompression-bomb guard (width*height).
+        where: (annotations file, line) to name in errors.
+
+    Raises:
+        ImageError: naming the file, line and field ``image``.
+    """
+    path = Path(path)
+    file, line = where
+
+    def fail(msg: str) -> ImageError:
+        return ImageError(f"{path.name}: {msg}", file or path, line, "image")
+
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise fail(f"cannot read: {e.strerror}") from None
+    if size == 0:
+        raise fail("file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise fail(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (data.max_image_pixels)")
+                if getattr(im, "n_frames", 1) > 1:
+                    raise fail(f"animated or multi-frame image ({im.n_frames} frames); save a single frame")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = to_rgb(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise fail(f"not a readable image: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise fail(f"corrupt or truncated image: {e}") from None
+    w, h = rgb.size
+    if min(w, h) < MIN_SIDE:
+        raise fail(f"{w}x{h} is smaller than the model's minimum of {MIN_SIDE} px a side")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise fail(f"aspect ratio {max(w, h) / min(w, h):.0f}:1 exceeds the processor's limit of {MAX_ASPECT}:1")
+    return rgb
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.size else 0
+        scale = 255.0 / hi if hi > 255 else 1.0
+        im = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im

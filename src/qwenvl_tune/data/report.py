@@ -1,0 +1,119 @@
+"""``qwenvl-tune check``: the data report, as a readable table or JSON.
+
+Token counts need only the processor (tokenizer + image-size rule), never model weights.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..config import build_config
+from .check import SplitReport, check_split
+from .records import SplitError, find_split
+
+
+def _json_shape(report: SplitReport) -> dict[str, Any]:
+    keys: Counter = Counter()
+    types: dict[str, Counter] = {}
+    parsed = 0
+    for r in report.records:
+        value = r.suffix
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+        if not isinstance(value, (dict, list)):
+            continue
+        parsed += 1
+        if isinstance(value, dict):
+            for k, v in value.items():
+                keys[k] += 1
+                types.setdefault(k, Counter())[type(v).__name__] += 1
+    return {"json_answers": parsed, "keys": dict(keys.most_common()),
+            "value_types": {k: dict(c) for k, c in types.items()}}
+
+
+def build_report(data_dir: str | Path, processor: Any = None, system_message: str | None = None,
+                 max_length: int | None = None, max_image_pixels: int = 178_956_970) -> dict[str, Any]:
+    splits: list[SplitReport] = []
+    for split in ("train", "valid", "test"):
+        if find_split(data_dir, split) is None:
+            if split == "train":
+                raise SplitError(f"no train split: expected {Path(data_dir) / 'train' / 'annotations.jsonl'}",
+                                 Path(data_dir) / "train")
+            continue
+        splits.append(check_split(data_dir, split, processor=processor, system_message=system_message,
+                                  max_length=max_length, max_image_pixels=max_image_pixels))
+    out: dict[str, Any] = {"data": str(data_dir), "splits": {}}
+    train_keys: set[str] = set()
+    for rep in splits:
+        shape = _json_shape(rep)
+        entry: dict[str, Any] = {**rep.summary(), "answers": shape,
+                                 "problems": [{**p.__dict__} for p in rep.problems]}
+        if rep.image_sizes:
+            areas = [w * h for w, h in rep.image_sizes.values()]
+            entry["image_pixels"] = {"min": min(areas), "median": int(statistics.median(areas)), "max": max(areas)}
+        if rep.tokens:
+            for part in ("image", "prompt", "answer", "total"):
+                vals = [t[part] for t in rep.tokens.values()]
+                entry.setdefault("tokens", {})[part] = {"min": min(vals), "median": int(statistics.median(vals)),
+                                                        "max": max(vals)}
+            longest = sorted(rep.tokens.items(), key=lambda kv: -kv[1]["total"])[:3]
+            entry["longest"] = [{"id": k, **v} for k, v in longest]
+        if rep.split == "train":
+            train_keys = set(shape["keys"])
+        else:
+            entry["keys_not_in_train"] = sorted(set(shape["keys"]) - train_keys)
+        out["splits"][rep.split] = entry
+    out["errors"] = sum(len(r.errors) for r in splits)
+    return out
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = [f"data: {rep['data']}", ""]
+    head = f"{'split':<6}{'rows':>7}{'usable':>8}{'errors':>8}{'warn':>6}{'dups':>6}{'img tok (med/max)':>20}" \
+           f"{'answer tok (med/max)':>22}{'longest':>9}"
+    lines += [head, "-" * len(head)]
+    for s, e in rep["splits"].items():
+        tok = e.get("tokens", {})
+        img = f"{tok['image']['median']}/{tok['image']['max']}" if tok else "-"
+        ans = f"{tok['answer']['median']}/{tok['answer']['max']}" if tok else "-"
+        lines.append(f"{s:<6}{e['rows']:>7}{e['usable']:>8}{e['errors']:>8}{e['warnings']:>6}{e['duplicates']:>6}"
+                     f"{img:>20}{ans:>22}{str(e.get('max_tokens') or '-'):>9}")
+    for s, e in rep["splits"].items():
+        a = e["answers"]
+        lines += ["", f"[{s}] answers parsing as JSON: {a['json_answers']}/{e['usable']}"]
+        if a["keys"]:
+            lines.append("  keys: " + ", ".join(f"{k} ({n})" for k, n in a["keys"].items()))
+        if e.get("keys_not_in_train"):
+            lines.append(f"  keys never seen in train: {', '.join(e['keys_not_in_train'])}")
+        for item in e.get("longest", []):
+            lines.append(f"  longest: {item['id']} {item['total']} tokens ({item['image']} image, {item['answer']} answer)")
+    problems = [(s, p) for s, e in rep["splits"].items() for p in e["problems"]]
+    lines += ["", f"problems: {rep['errors']} error(s), {len(problems) - rep['errors']} warning(s)"]
+    for s, p in problems:
+        loc = f"{p['file']}:{p['line']}" if p["line"] is not None else p["file"]
+        fld = f" [{p['field']}]" if p["field"] else ""
+        lines.append(f"  {p['level']:<7} {loc}{fld}: {p['message']}")
+    return "\n".join(lines)
+
+
+def run_check(path: str | Path, config_path: str | None, overrides: dict[str, Any], as_json: bool = False) -> int:
+    """CLI entry: print the report; exit code 1 when there are errors."""
+    from ..modeling.load import load_processor
+
+    config = build_config(config_path, {**overrides, "data.path": str(path)})
+    try:
+        processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
+    except OSError as e:
+        print(f"note: token counts skipped, processor for {config.model.name_or_path} not loadable: {e}")
+        processor = None
+    rep = build_report(path, processor, config.data.system_message, config.data.max_length,
+                       config.data.max_image_pixels)
+    print(json.dumps(rep, indent=2, ensure_ascii=False) if as_json else format_report(rep))
+    return 1 if rep["errors"] else 0

@@ -1,0 +1,161 @@
+"""Checkpoint -> (model, processor) for LoRA, QLoRA or full fine-tuning, and back from a run folder.
+
+The model class and processor come from the checkpoint (``AutoModelForImageTextToText``,
+``AutoProcessor``), so Qwen2-VL, Qwen2.5-VL and Qwen3-VL load the same way,
+from a hub id or a local folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_processor(name_or_path: str | Path, min_pixels: int, max_pixels: int):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(name_or_path).strip())
+    set_pixel_limits(processor, min_pixels, max_pixels)
+    return processor
+
+
+def set_pixel_limits(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    """Set the image processor's resize bounds (transformers 5 keeps them in ``size``)."""
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, int(value))
+
+
+def quantization_config(cfg: ModelConfig):
+    """4-bit NF4 with double quantisation, computing in ``cfg.dtype``.
+
+    Built through the typed constructor so a misspelt argument fails loudly
+    (the guide's ``bnb_4bit_compute_type`` was silently ignored: float32 compute).
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.dtype], bnb_4bit_quant_storage=DTYPES[cfg.dtype])
+
+
+def vision_module_names(model: torch.nn.Module) -> set[str]:
+    """Qualified names of every module inside the vision tower (and its merger)."""
+    tower = None
+    for owner in (getattr(model, "model", None), model):
+        if owner is not None and hasattr(owner, "visual"):
+            tower = owner.visual
+            break
+    if tower is None:
+        return set()
+    ids = {id(m) for m in tower.modules()}
+    return {name for name, m in model.named_modules() if id(m) in ids}
+
+
+def load_base_model(cfg: ModelConfig, device_map: Any = None, quantize: bool | None = None):
+    from transformers import AutoModelForImageTextToText
+
+    quantize = cfg.method == "qlora" if quantize is None else quantize
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(cfg)
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForImageTextToText.from_pretrained(cfg.name_or_path.strip(), **kwargs)
+
+
+def lora_targets(model: torch.nn.Module, suffixes: list[str], include_vision: bool) -> list[str]:
+    """Full module names of the Linear layers to adapt; vision tower excluded unless trained."""
+    skip = set() if include_vision else vision_module_names(model)
+    all_linear = suffixes == ["all-linear"]
+    names = []
+    for name, module in model.named_modules():
+        if name in skip or "lm_head" in name:
+            continue
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and (all_linear or name.rsplit(".", 1)[-1] in suffixes):
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora.target_modules {suffixes} matched no Linear layer of {type(model).__name__}")
+    return names
+
+
+def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Module:
+    """Freeze, attach adapters, enable checkpointing. Returns the (possibly PEFT-wrapped) model."""
+    mcfg = config.model
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if mcfg.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        if mcfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        lcfg = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=lora_targets(model, config.lora.target_modules, mcfg.train_vision),
+                          bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if not mcfg.train_vision:
+            vision = vision_module_names(model)
+            for name, module in model.named_modules():
+                if name in vision:
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_for_inference(run_dir: str | Path, which: str = "best", config: Config | None = None, base_only: bool = False,
+                       device: str | torch.device | None = None):
+    """Load the model and processor saved in a run folder (``best`` or ``last``), or its base model.
+
+    Returns:
+        (model, processor, config) with the model in eval mode.
+    """
+    from ..training.checkpoints import read_run_config
+
+    run_dir = Path(run_dir)
+    config = config or read_run_config(run_dir)
+    ckpt = run_dir / which
+    if not (ckpt / "COMPLETE").exists():
+        raise FileNotFoundError(f"{ckpt} is missing or incomplete; has the run finished a validation or an epoch?")
+    processor = load_processor(ckpt, config.data.min_pixels, config.data.max_pixels)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_cfg = config.model
+    if device.type == "cpu" and dtype_cfg.dtype != "float32":
+        # bf16 matmuls on CPU are slow and imprecise; inference on CPU runs in float32.
+        dtype_cfg = ModelConfig(**{**dtype_cfg.__dict__, "dtype": "float32"})
+    if config.model.method == "full" and not base_only:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=DTYPES[dtype_cfg.dtype],
+                                                            attn_implementation=dtype_cfg.attn_implementation)
+    else:
+        # Adapters are applied to a non-quantised base for inference: QLoRA runs too, so
+        # predictions match what a merged export gives.
+        model = load_base_model(dtype_cfg, quantize=False)
+        if not base_only:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, ckpt)
+    model.to(device).eval()
+    return model, processor, config

@@ -1,0 +1,104 @@
+"""Run-folder checkpoints in Hugging Face format, written atomically.
+
+A checkpoint is a folder holding the adapter (LoRA/QLoRA) or the full weights,
+the processor, and a ``COMPLETE`` marker written last. It is written under a
+temporary name in the same folder and renamed into place, so an interrupted
+save never becomes ``best/`` or ``last/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, config_from_dict
+
+MARKER = "COMPLETE"
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a qwenvl-tune run folder?")
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``, replacing an existing ``dest`` with at most a moment where neither name exists."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str, Any]) -> Path:
+    """Save adapter-or-weights + processor to ``dest`` atomically; ``meta`` goes into the marker."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+        _replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def copy_checkpoint(src: str | Path, dest: str | Path) -> Path:
+    """Publish a complete checkpoint under another name (hard links where possible, else copies)."""
+    src, dest = Path(src), Path(dest)
+    if not (src / MARKER).is_file():
+        raise FileNotFoundError(f"{src} is not a complete checkpoint")
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        def link(s: str, d: str) -> None:
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+
+        shutil.copytree(src, tmp, copy_function=link)
+        _replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def prune(folder: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints in ``folder`` (and any stale temporaries)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for stale in folder.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    done = sorted((p for p in folder.iterdir() if p.is_dir() and is_complete(p)), key=lambda p: p.name)
+    for p in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

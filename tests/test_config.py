@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from qwenvl_tune.cli import _parser, _overrides
+from qwenvl_tune.config import Config, ConfigError, build_config, config_from_dict, iter_fields
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_guides_values_with_defects_fixed():
+    c = build_config()
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
+    assert (c.train.lr, c.train.warmup_steps, c.train.accumulate_grad_batches, c.train.gradient_clip_val) == (2e-4, 50, 8, 1.0)
+    assert (c.data.min_pixels, c.data.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28)
+    assert c.model.name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert c.data.system_message is None
+    assert c.train.limit_val_batches is None
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_parses(preset):
+    c = build_config(preset)
+    assert preset.read_text().startswith("#"), "each preset starts with a comment showing how to run it"
+    assert "Run it with" in preset.read_text().splitlines()[1] or "Run it with" in preset.read_text()
+    assert isinstance(c, Config)
+
+
+def test_unknown_key_is_rejected_with_suggestion(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lora:\n  rank: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'.*did you mean 'lora.r'"):
+        build_config(y)
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        build_config(None, {"train.lrr": 1})
+
+
+def test_types_are_checked_and_coerced():
+    c = build_config(None, {"lora.r": "16", "lora.target_modules": "q_proj,k_proj", "data.skip_invalid": "true",
+                            "train.limit_val_batches": "none"})
+    assert c.lora.r == 16 and c.lora.target_modules == ["q_proj", "k_proj"] and c.data.skip_invalid is True
+    with pytest.raises(ConfigError, match="lora.r must be an integer"):
+        build_config(None, {"lora.r": "eight"})
+    with pytest.raises(ConfigError, match="model.method must be one of"):
+        build_config(None, {"model.method": "qlor"})
+    with pytest.raises(ConfigError, match="min_pixels"):
+        build_config(None, {"data.min_pixels": 10, "data.max_pixels": 5})
+
+
+def test_round_trip_through_saved_dict():
+    c = build_config(None, {"lora.r": 32, "data.system_message": "Read the page."})
+    assert config_from_dict(c.to_dict()) == c
+
+
+def test_cli_exposes_every_field_once_and_aliases():
+    p = _parser()
+    ns = p.parse_args(["train", "--data", "./D", "--method", "qlora", "--lora.r", "16", "--train.max_epochs", "3"])
+    o = _overrides(ns)
+    assert o == {"data.path": "./D", "model.method": "qlora", "lora.r": "16", "train.max_epochs": "3"}
+    train = p._subparsers._group_actions[0].choices["train"]
+    options = [o for a in train._actions for o in a.option_strings]
+    for name, f, _ in iter_fields():
+        assert options.count(f"--{name}") == 1, name
+    assert "Peak learning rate" in train.format_help()  # field docs are the CLI help

@@ -1,0 +1,110 @@
+"""Training on tiny random-init checkpoints, on CPU: what changes, what must not, and the run-folder contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import swatch, tiny_overrides, write_split
+from qwenvl_tune import api
+from qwenvl_tune.config import build_config
+from qwenvl_tune.data.check import check_split
+from qwenvl_tune.data.collate import Encoder, RecordDataset, TrainCollator
+from qwenvl_tune.modeling.load import load_base_model, load_for_inference, load_processor, prepare_for_training
+from qwenvl_tune.training.module import FineTuneModule, warmup_linear_decay
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_lora_trains_adapters_only_and_loss_falls(tiny_dir, sample_data, tmp_path):
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"train.lr": 5e-3}))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = check_split(sample_data, "train").records[:2]
+    loader = DataLoader(RecordDataset(records, Encoder(proc)), batch_size=2, collate_fn=TrainCollator(Encoder(proc).pad_id))
+    rec = LossRecorder()
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[rec], enable_model_summary=False)
+    trainer.fit(FineTuneModule(model, proc, cfg), loader)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert lora and changed == {n for n in lora if "lora_B" in n or "lora_A" in n}
+    # only language-model attention q/v projections carry adapters; the vision tower has none
+    assert all(".q_proj." in n or ".v_proj." in n for n in lora)
+    assert not any("visual" in n for n in lora)
+    assert sum(rec.losses[-3:]) / 3 < sum(rec.losses[:3]) / 3 - 0.05, rec.losses
+
+
+def test_warmup_then_linear_decay():
+    f = warmup_linear_decay(4, 12)
+    assert [round(f(s), 3) for s in range(13)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+
+
+def _memorise_data(tmp_path):
+    targets = [{"route": "O385-YZ-713", "dock": "D29"}, {"route": "T147-EH-365", "dock": "D21"}]
+    rows = [{"image": f"{i}.png", "prefix": "extract data in JSON format", "suffix": t} for i, t in enumerate(targets)]
+    imgs = {"0.png": swatch((230, 40, 40), text="O385"), "1.png": swatch((40, 40, 230), text="T147")}
+    for split in ("train", "valid"):
+        write_split(tmp_path / "mem" / split, rows, imgs)
+    return tmp_path / "mem", targets
+
+
+def test_full_finetune_memorises_two_samples_and_predict_reproduces_them(tiny_dir, tmp_path):
+    data, targets = _memorise_data(tmp_path)
+    cfg = build_config(None, tiny_overrides(data, tiny_dir, tmp_path / "runs", **{
+        "model.method": "full", "train.lr": 3e-3, "train.max_epochs": 80, "train.check_val_every_n_epoch": 40,
+        "train.warmup_steps": 5}))
+    run = api.train(cfg)
+    for name in ("config.yaml", "best/COMPLETE", "last/COMPLETE", "logs/metrics.csv", "data_summary.json"):
+        assert (run / name).exists(), name
+    assert len(list((run / "checkpoints").iterdir())) == cfg.train.keep_checkpoints
+    # predict needs nothing but the run folder
+    rows = api.predict(run, [data / "valid" / "0.png", data / "valid" / "1.png"])
+    for row, gold in zip(rows, targets):
+        assert row["valid"], row
+        assert row["json"] == gold
+        assert row["output"] == json.dumps(gold, ensure_ascii=False)
+    res = api.evaluate(run, "valid")
+    assert res["finetuned"]["edit_distance"] == 0.0 and res["finetuned"]["exact_match"] == 1.0
+    assert (run / "eval" / "valid" / "predictions.jsonl").read_text().count("\n") == 2
+
+
+def test_adapter_loads_with_plain_peft_and_gives_identical_logits(tiny_dir, sample_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "train.max_steps": 3, "train.lr": 1e-2, "lora.target_modules": "all-linear"}))
+    run = api.train(cfg)
+    ours, proc, _ = load_for_inference(run, "best", device="cpu")
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), run / "best").eval()
+    rec = check_split(sample_data, "valid").records[0]
+    item = RecordDataset([rec], Encoder(proc))[0]
+    batch = {k: v.unsqueeze(0) if k in ("input_ids",) else v for k, v in item.items() if k in ("input_ids", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        a, b = ours(**batch).logits, plain(**batch).logits
+        base = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, base, atol=1e-3), "the adapter should have changed the model"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_other_families_train_and_predict(family, tiny_family, sample_data, tmp_path):
+    ckpt = tiny_family(family)
+    px = 16 * 32 * 32 if family == "qwen3_vl" else 16 * 28 * 28
+    cfg = build_config(None, tiny_overrides(sample_data, ckpt, tmp_path, **{
+        "train.max_steps": 2, "data.min_pixels": px, "data.max_pixels": px, "generate.max_new_tokens": 8}))
+    run = api.train(cfg)
+    rows = api.predict(run, [sorted((sample_data / "valid").glob("*.jpg"))[0]])
+    assert "output" in rows[0] and isinstance(rows[0]["output"], str)
