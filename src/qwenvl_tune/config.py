@@ -58,6 +58,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...).")
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, logits only on answer tokens.")
 
 
 @dataclass

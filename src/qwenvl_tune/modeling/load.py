@@ -94,6 +94,10 @@ def lora_targets(model: torch.nn.Module, suffixes: list[str], include_vision: bo
 def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Freeze, attach adapters, enable checkpointing. Returns the (possibly PEFT-wrapped) model."""
     mcfg = config.model
+    if mcfg.fast_path:
+        from .fast import enable_fast_vision_attention
+
+        enable_fast_vision_attention(model)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config
 from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
+from ..modeling.fast import answer_only_loss
 from ..inference.generate import MODEL_INPUTS, generate_batch, stop_token_ids
 
 
@@ -42,8 +43,10 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        out = self.model(**inputs, labels=batch["labels"])
-        loss = out.loss
+        if self.config.model.fast_path:
+            loss = answer_only_loss(self.model, inputs, batch["labels"])
+        else:
+            loss = self.model(**inputs, labels=batch["labels"]).loss
         n = batch["input_ids"].shape[0]
         self._samples += n
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())

@@ -1,0 +1,353 @@
+"""Training-speed benchmark: the guide's recipe vs qwenvl-tune's paths, same batches, same GPU, same run.
+
+    PYTHONPATH=src python bench/train_speed.py --size 3b --out bench/results     # on an H100
+    PYTHONPATH=src python bench/train_speed.py --size tiny --steps 2              # CPU smoke test
+
+Random-init weights at the published Qwen2.5-VL configs (weight values do not change the arithmetic).
+Samples are document pages whose sizes and answer lengths are drawn from a distribution
+(~1700x2200 scans at max_pixels 1280*28*28 -> ~1,240 image tokens; ~520 answer tokens).
+Every variant trains on the same sample sequence: optimizer step every 8 samples, gradient
+clipping 1.0, LoRA r=8 alpha=16 on q_proj/v_proj unless stated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IMAGE, VSTART, VEND, EOS, PAD = 151655, 151652, 151653, 151645, 151643
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = DEV == "cuda"
+
+
+def sync():
+    if CUDA:
+        sync()
+
+
+def free():
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+SIZES = {
+    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+               vision_out=2048, tie=True),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+               vision_out=3584, tie=False),
+}
+
+
+def model_config(size: str):
+    from transformers import Qwen2_5_VLConfig
+
+    if size == "tiny":
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[1])
+        section = [2, 3, 3]
+    else:
+        s = SIZES[size]
+        text = s["text"]
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=s["vision_out"],
+                      fullatt_block_indexes=[7, 15, 23, 31])
+        section = [16, 24, 24]
+    text.update(max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
+                rope_scaling={"type": "mrope", "mrope_section": section}, bos_token_id=PAD, eos_token_id=EOS,
+                pad_token_id=PAD)
+    vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_channels=3,
+                  hidden_act="silu")
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=151656,
+                            vision_start_token_id=VSTART, vision_end_token_id=VEND,
+                            tie_word_embeddings=text["tie_word_embeddings"])
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    grid: torch.Tensor
+    image_tokens: int
+    answer_tokens: int
+
+
+def make_samples(n: int, seed: int, max_pixels: int, tiny: bool) -> list[Sample]:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = rng.uniform(1500, 1900) if not tiny else 300
+        h = w * rng.uniform(1.2, 1.45)
+        rh, rw = smart_resize(int(h), int(w), factor=28, min_pixels=256 * 28 * 28 if not tiny else 8 * 28 * 28,
+                              max_pixels=max_pixels)
+        gh, gw = rh // 14, rw // 14
+        n_img = gh * gw // 4
+        n_ans = int(min(900, max(200, rng.gauss(520, 110)))) if not tiny else 40
+        prompt = torch.randint(1000, 150000, (30,), generator=g)
+        answer = torch.randint(1000, 150000, (n_ans,), generator=g)
+        ids = torch.cat([prompt[:20], torch.tensor([VSTART]), torch.full((n_img,), IMAGE), torch.tensor([VEND]),
+                         prompt[20:], answer, torch.tensor([EOS, 198])])
+        labels = torch.full_like(ids, -100)
+        labels[len(ids) - n_ans - 2: len(ids) - 1] = ids[len(ids) - n_ans - 2: len(ids) - 1]
+        pv = torch.randn(gh * gw, 3 * 2 * 14 * 14, generator=g)
+        out.append(Sample(ids, labels, pv, torch.tensor([[1, gh, gw]]), n_img, n_ans))
+    return out
+
+
+def batches(samples: list[Sample], batch_size: int, sort: bool):
+    from qwenvl_tune.data.collate import collate
+
+    order = list(range(len(samples)))
+    if sort and batch_size > 1:
+        # length-grouped batches (what the trainer's sampler does): little padding
+        order.sort(key=lambda i: len(samples[i].input_ids))
+    groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    out = []
+    for g in groups:
+        items = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels,
+                  "pixel_values": samples[i].pixel_values, "image_grid_thw": samples[i].grid} for i in g]
+        b = collate(items, PAD, left=False)
+        out.append(b)
+    return out
+
+
+def flops_per_sample(cfg, s: Sample, method: str) -> float:
+    """Model FLOPs of one training sample (matmuls + attention), frozen vision forward only."""
+    t, v = cfg.text_config, cfg.vision_config
+    T = len(s.input_ids)
+    d, L, ff = t.hidden_size, t.num_hidden_layers, t.intermediate_size
+    kv = d // t.num_attention_heads * t.num_key_value_heads
+    per_tok = 2 * L * (d * d * 2 + 2 * d * kv + 3 * d * ff)
+    lm_fwd = per_tok * T + 2 * L * T * T * d  # causal attention: half of 4*T^2*d
+    head = 2 * d * t.vocab_size * s.answer_tokens  # only what a loss must compute
+    P = int(s.grid.prod())
+    vd, vff = v.hidden_size, v.intermediate_size
+    vis = 2 * v.depth * P * (4 * vd * vd + 3 * vd * vff) + 2 * (4 * vd) * 4 * vd * P // 4 * 2
+    full_blocks = len(v.fullatt_block_indexes)
+    vis += 4 * P * vd * (full_blocks * P + (v.depth - full_blocks) * 64)
+    bwd = 2.0 if method == "full" else 1.0  # input-gradients only when the base is frozen
+    return vis + (lm_fwd + head) * (1 + bwd)
+
+
+def load_variant(v: dict, ckpt: str, cfg):
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
+
+    overrides = {"model.name_or_path": ckpt, "model.method": v["method"], "model.fast_path": v["fast"],
+                 "model.gradient_checkpointing": v.get("gc", False)}
+    config = build_config(None, overrides)
+    if v.get("guide_misspelled"):
+        # The guide as written: bnb_4bit_compute_type is not a BitsAndBytesConfig argument, so it is
+        # accepted and ignored, and 4-bit layers compute in float32.
+        from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_type=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16, quantization_config=q,
+                                                            device_map={"": 0}, attn_implementation="sdpa")
+    else:
+        model = load_base_model(config.model)
+    model = prepare_for_training(model, config)
+    if not v["method"] == "qlora":
+        model.to(DEV)
+    model.train()
+    return model, config
+
+
+def train_loss(model, batch, fast: bool):
+    from qwenvl_tune.modeling.fast import answer_only_loss
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    if fast:
+        return answer_only_loss(model, inputs, batch["labels"])
+    return model(**inputs, labels=batch["labels"]).loss
+
+
+def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warmup: int) -> dict:
+    free()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    model, config = load_variant(v, ckpt, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    bs = v["batch"]
+    data = batches(samples, bs, sort=v.get("sort", True))
+    accum = max(1, 8 // bs)
+    autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True) and CUDA)
+
+    def step(i: int):
+        b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
+        with autocast:
+            loss = train_loss(model, b, v["fast"]) / accum
+        loss.backward()
+        if (i + 1) % accum == 0:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    n_samples = n_tokens = 0
+    flops = 0.0
+    for i in range(warmup, warmup + steps):
+        step(i)
+        b = data[i % len(data)]
+        n_samples += b["input_ids"].shape[0]
+        n_tokens += int(b["attention_mask"].sum())
+    sync()
+    dt = time.perf_counter() - t0
+    sample_flops = sum(flops_per_sample(cfg, s, v["method"]) for s in samples) / len(samples)
+    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "samples_per_s": n_samples / dt,
+           "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
+           "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
+    del model, opt, params
+    free()
+    return res
+
+
+def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
+    """Plain vs fast path on the same batch: loss and LoRA gradients (bf16, same weights)."""
+    out = {}
+    grads = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_variant({"method": "lora", "fast": fast}, ckpt, cfg)
+        b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False)[0].items()}
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=CUDA):
+            loss = train_loss(model, b, fast)
+        loss.backward()
+        out[f"loss_{'fast' if fast else 'plain'}"] = float(loss)
+        grads[fast] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        del model
+        free()
+    num = sum(float((grads[True][n] - grads[False][n]).norm() ** 2) for n in grads[False])
+    den = sum(float(grads[False][n].norm() ** 2) for n in grads[False])
+    out["grad_rel_diff"] = math.sqrt(num / den)
+    out["loss_rel_diff"] = abs(out["loss_fast"] - out["loss_plain"]) / abs(out["loss_plain"])
+    return out
+
+
+VARIANTS = [
+    {"name": "guide_qlora_as_written", "method": "qlora", "fast": False, "batch": 1, "autocast": False,
+     "guide_misspelled": True, "desc": "guide as written: QLoRA, misspelt compute dtype (float32 compute), sdpa, batch 1"},
+    {"name": "guide_qlora_bf16", "method": "qlora", "fast": False, "batch": 1, "autocast": False,
+     "desc": "guide, compute dtype fixed to bf16"},
+    {"name": "guide_lora_bf16", "method": "lora", "fast": False, "batch": 1, "autocast": False,
+     "desc": "guide: bf16 LoRA r=8 q/v, sdpa, batch 1"},
+    {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
+    {"name": "ours_lora_b4", "method": "lora", "fast": True, "batch": 4, "desc": "qwenvl-tune lora, batch 4 length-grouped"},
+    {"name": "ours_qlora_b1", "method": "qlora", "fast": True, "batch": 1, "desc": "qwenvl-tune qlora, batch 1"},
+    {"name": "ours_qlora_b4", "method": "qlora", "fast": True, "batch": 4, "desc": "qwenvl-tune qlora, batch 4 length-grouped"},
+    {"name": "ours_qlora_lowmem", "method": "qlora", "fast": True, "batch": 1, "gc": True,
+     "desc": "qwenvl-tune qlora + gradient checkpointing, batch 1"},
+]
+
+
+def env_info() -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda}
+    for mod in ("peft", "bitsandbytes", "pytorch_lightning"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"unavailable: {type(e).__name__}"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="3b", choices=["tiny", "3b", "7b"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--variants", default="all")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--no-numerics", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = args.size == "tiny"
+    cfg = model_config(args.size)
+    samples = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny)
+    info = env_info()
+    info.update(size=args.size, mean_seq=sum(len(s.input_ids) for s in samples) / len(samples),
+                mean_image_tokens=sum(s.image_tokens for s in samples) / len(samples),
+                mean_answer_tokens=sum(s.answer_tokens for s in samples) / len(samples))
+    print(json.dumps(info), flush=True)
+    ckpt = tempfile.mkdtemp(prefix=f"qwen25vl-{args.size}-")
+    from transformers import AutoModelForImageTextToText
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        m = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if CUDA else torch.float32)
+    m.save_pretrained(ckpt)
+    del m
+    free()
+    print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
+    chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
+    results = {"env": info, "variants": []}
+    if not args.no_numerics:
+        try:
+            results["numerics"] = numerics_check(ckpt, cfg, samples)
+            print("numerics", results["numerics"], flush=True)
+        except Exception as e:  # noqa: BLE001
+            results["numerics"] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+    for v in chosen:
+        try:
+            r = run_variant(v, ckpt, cfg, samples, args.steps, args.warmup)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
+            traceback.print_exc()
+            r = {"name": v["name"], "desc": v["desc"], "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            free()
+        results["variants"].append(r)
+        print(json.dumps(r), flush=True)
+        (out / f"train_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
+    base = next((r for r in results["variants"] if r["name"] == "guide_qlora_as_written" and "error" not in r), None)
+    lines = [f"| variant ({args.size}) | batch | samples/s | tokens/s | peak GiB | model TFLOP/s | x guide |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["variants"]:
+        if "error" in r:
+            lines.append(f"| {r['desc']} | | error: {r['error'][:80]} | | | | |")
+            continue
+        ratio = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        lines.append(f"| {r['desc']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_gib']:.1f} | {r['tflops']:.0f} | {ratio:.2f} |")
+    table = "\n".join(lines)
+    (out / f"train_speed_{args.size}.md").write_text(f"# Training speed, {args.size}\n\n{json.dumps(info)}\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from qwenvl_tune.config import build_config
+from qwenvl_tune.modeling.load import lora_targets, load_base_model, quantization_config, vision_module_names
+
+
+def test_qlora_computes_in_bf16_nf4_double_quant():
+    q = quantization_config(build_config(None, {"model.method": "qlora"}).model)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16  # the guide's misspelling left this at float32
+
+
+def test_lora_targets_skip_vision_unless_trained(tiny_dir):
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
+    model = load_base_model(cfg.model)
+    vision = vision_module_names(model)
+    assert vision and any(n.endswith("visual") for n in vision)
+    lm_only = lora_targets(model, ["all-linear"], include_vision=False)
+    assert lm_only and not set(lm_only) & vision and not any("lm_head" in n for n in lm_only)
+    with_vision = lora_targets(model, ["all-linear"], include_vision=True)
+    assert set(with_vision) & vision
+    with pytest.raises(ValueError, match="matched no Linear"):
+        lora_targets(model, ["nope_proj"], include_vision=False)
+
+
+def test_model_id_whitespace_is_stripped(tiny_dir):
+    cfg = build_config(None, {"model.name_or_path": f"{tiny_dir} ", "model.dtype": "float32"})
+    assert load_base_model(cfg.model) is not None
