@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -79,6 +80,9 @@ def format_metrics(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Document batches vary in shape step to step; expandable segments keep the CUDA caching
+    # allocator from fragmenting (set before torch initialises CUDA; a user's own setting wins).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = _parser().parse_args(argv)
     from .data.records import DataError
 

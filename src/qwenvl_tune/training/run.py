@@ -24,6 +24,7 @@ from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
 from ..data.records import DataError
 from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
+from ..modeling.fast import prefer_flash_sdpa
 from .checkpoints import copy_checkpoint, is_complete, prune, save_checkpoint
 from .module import FineTuneModule
 
@@ -144,6 +145,7 @@ def train(config: Config) -> Path:
     """Fine-tune per ``config``; returns the run folder (config.yaml, logs/, checkpoints/, best/, last/)."""
     config.validate()
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
+    prefer_flash_sdpa(config.model.fast_path)
     run_dir = _run_dir(config)
     (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     print(f"run folder: {run_dir}\nresolved config:\n{config.to_yaml()}")
