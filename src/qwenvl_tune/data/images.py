@@ -79,7 +79,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max() if arr.size else 0
         scale = 255.0 / hi if hi > 255 else 1.0
-        im = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):

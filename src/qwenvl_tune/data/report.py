@@ -71,6 +71,7 @@ def build_report(data_dir: str | Path, processor: Any = None, system_message: st
             entry["keys_not_in_train"] = sorted(set(shape["keys"]) - train_keys)
         out["splits"][rep.split] = entry
     out["errors"] = sum(len(r.errors) for r in splits)
+    out["max_length"] = max_length
     return out
 
 
@@ -94,6 +95,11 @@ def format_report(rep: dict[str, Any]) -> str:
             lines.append(f"  keys never seen in train: {', '.join(e['keys_not_in_train'])}")
         for item in e.get("longest", []):
             lines.append(f"  longest: {item['id']} {item['total']} tokens ({item['image']} image, {item['answer']} answer)")
+    if rep.get("max_length") and any("max_tokens" in e for e in rep["splits"].values()):
+        longest = max((e.get("max_tokens") or 0) for e in rep["splits"].values())
+        over = sum(1 for e in rep["splits"].values() for p in e["problems"] if p["kind"] == "SampleTooLongError")
+        verdict = "all samples fit" if not over else f"{over} sample(s) over it (listed below)"
+        lines += ["", f"longest sample {longest} tokens; data.max_length {rep['max_length']}: {verdict}"]
     problems = [(s, p) for s, e in rep["splits"].items() for p in e["problems"]]
     lines += ["", f"problems: {rep['errors']} error(s), {len(problems) - rep['errors']} warning(s)"]
     for s, p in problems:

@@ -1,0 +1,114 @@
+"""Property test of the loader, the check command, and --skip-invalid end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import swatch, tiny_overrides
+from qwenvl_tune.cli import main
+from qwenvl_tune.config import build_config
+from qwenvl_tune.data.check import check_split
+from qwenvl_tune.data.images import load_image
+from qwenvl_tune.data.records import DataError, read_split
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+rows = st.one_of(
+    st.dictionaries(st.sampled_from(["image", "prefix", "suffix", "extra"]), json_values, max_size=4),
+    json_values,
+    st.fixed_dictionaries({"image": st.text(max_size=20), "prefix": st.text(max_size=20), "suffix": json_values}),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(rows.map(lambda r: json.dumps(r)), st.text(max_size=40)), max_size=6))
+def test_loader_returns_records_or_our_errors(tmp_path_factory, lines):
+    folder = tmp_path_factory.mktemp("fuzz") / "train"
+    folder.mkdir()
+    swatch((1, 2, 3)).save(folder / "a.png")
+    (folder / "annotations.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    try:
+        records, problems, n = read_split(folder)
+    except DataError:
+        return
+    assert len(records) + sum(p.level == "error" for p in problems) == n  # every row accounted for
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_as_image_or_annotations(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("bytes")
+    (d / "x.png").write_bytes(data)
+    try:
+        load_image(d / "x.png")
+    except DataError:
+        pass
+    split = d / "train"
+    split.mkdir()
+    (split / "annotations.jsonl").write_bytes(data)
+    try:
+        read_split(split)
+    except DataError:
+        pass
+
+
+def _dataset_with_bad_rows(sample_data, tmp_path):
+    """The sample data plus 3 bad training rows."""
+    import shutil
+
+    data = tmp_path / "Data"
+    shutil.copytree(sample_data, data)
+    ann = data / "train" / "annotations.jsonl"
+    good = ann.read_text(encoding="utf-8")
+    bad = ['{"image": "missing.jpg", "prefix": "x", "suffix": "y"}', '{"image": "manifest_0000.jpg", "prefix": 5, '
+           '"suffix": "y"}', "{not json"]
+    ann.write_text(good + "\n".join(bad) + "\n", encoding="utf-8")
+    return data, len(good.splitlines())
+
+
+def test_train_refuses_bad_data_and_skip_invalid_records_them(sample_data, tiny_dir, tmp_path):
+    from qwenvl_tune import api
+
+    data, n_good = _dataset_with_bad_rows(sample_data, tmp_path)
+    cfg = build_config(None, tiny_overrides(data, tiny_dir, tmp_path / "runs", **{"train.max_steps": 2}))
+    with pytest.raises(DataError, match=r"3 invalid row\(s\)"):
+        api.train(cfg)
+    cfg.data.skip_invalid = True
+    cfg.run.name = "skipping"
+    run = api.train(cfg)
+    problems = [json.loads(l) for l in (run / "data_problems.jsonl").read_text().splitlines()]
+    errors = [p for p in problems if p["level"] == "error"]
+    assert sorted(p["line"] for p in errors) == [n_good + 1, n_good + 2, n_good + 3]
+    summary = json.loads((run / "data_summary.json").read_text())
+    assert summary["skipped"] == 3
+    train = next(s for s in summary["splits"] if s["split"] == "train")
+    assert train["rows"] == n_good + 3 and train["usable"] == n_good
+    assert (run / "best" / "COMPLETE").exists()
+
+
+def test_check_cli_report_and_exit_codes(sample_data, tiny_dir, tmp_path, capsys):
+    assert main(["check", str(sample_data), "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    for needle in ("train", "valid", "test", "answers parsing as JSON", "route (6)", "longest", "problems: 0 error(s)"):
+        assert needle in out, needle
+    data, n_good = _dataset_with_bad_rows(sample_data, tmp_path)
+    assert main(["check", str(data), "--model", str(tiny_dir), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    lines = sorted(p["line"] for p in rep["splits"]["train"]["problems"] if p["level"] == "error")
+    assert rep["errors"] == 3 and lines == [n_good + 1, n_good + 2, n_good + 3]
+    assert rep["splits"]["train"]["tokens"]["image"]["max"] > 0
+
+
+def test_keys_never_seen_in_train_are_reported(tmp_path, tiny_dir, capsys):
+    from conftest import write_split
+
+    img = {"a.png": swatch((5, 5, 5))}
+    write_split(tmp_path / "D" / "train", [{"image": "a.png", "prefix": "p", "suffix": {"total": "1"}}], img)
+    write_split(tmp_path / "D" / "valid", [{"image": "a.png", "prefix": "p", "suffix": {"total": "1", "tax": "2"}}], img)
+    main(["check", str(tmp_path / "D"), "--model", str(tiny_dir)])
+    assert "keys never seen in train: tax" in capsys.readouterr().out
