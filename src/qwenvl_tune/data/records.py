@@ -160,13 +160,22 @@ def validate_row(obj: dict[str, Any], file: str, line: int, split_dir: Path, all
 def resolve_image_path(image: str, split_dir: Path, file: str, line: int) -> Path:
     if os.path.isabs(image) or image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
         raise ImagePathError(f"image path '{image}' is absolute; it must be relative to the split folder {split_dir}", file, line, "image")
+    if "\x00" in image:
+        raise ImagePathError("image path contains a NUL character", file, line, "image")
     root = split_dir.resolve()
-    path = (split_dir / image).resolve()
+    try:
+        path = (split_dir / image).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, over-long names
+        raise ImagePathError(f"image path '{image}' cannot be resolved: {e}", file, line, "image") from None
     if root != path and root not in path.parents:
         raise ImagePathError(f"image path '{image}' resolves to {path}, outside the split folder {root}", file, line, "image")
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:
+        raise ImagePathError(f"image path '{image}' cannot be checked: {e.strerror}", file, line, "image") from None
+    if not exists:
         raise ImagePathError(f"image '{image}' not found (looked for {path})", file, line, "image")
-    if path.is_dir():
+    if is_dir:
         raise ImagePathError(f"image '{image}' is a directory, not a file", file, line, "image")
     return path
 
