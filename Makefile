@@ -9,7 +9,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install browser demo test test-gpu clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/qwenvl-tune demo
 
+# Browser tests drive Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core) \
+	  || echo "warning: could not install Debian's chromium; browser tests will be skipped" >&2; }
+
 # pytest exits 5 when it collects no test; that is a failure of the suite, reported as such.
-test: install
+test: install browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

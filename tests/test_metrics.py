@@ -60,3 +60,74 @@ def test_aggregate_micro_average():
     assert agg["field_recall"] == pytest.approx(0.5) and agg["field_precision"] == pytest.approx(1.0)
     assert agg["field_f1"] == pytest.approx(2 / 3)
     assert agg["per_field_accuracy"] == {"a": 0.5, "b": 0.5}
+
+
+# ---------------------------------------------------------------- repair, TED, list matching, normalisation
+from qwenvl_tune.evaluation.metrics import align_lists, repair_json, ted_accuracy  # noqa: E402
+
+
+@pytest.mark.parametrize("text,value", [
+    ('```json\n{"a": 1}\n```', {"a": 1}),
+    ('Here it is: {"a": [1, 2]} hope that helps', {"a": [1, 2]}),
+    ('{"a": "x", "b": [1, 2', {"a": "x", "b": [1, 2]}),
+    ('{"a": "trunc', {"a": "trunc"}),
+    ('{"a": 1, "b":', {"a": 1}),
+    ('{"a": 1,', {"a": 1}),
+])
+def test_repair_json(text, value):
+    assert repair_json(text) == (True, value)
+
+
+def test_repaired_outputs_are_never_valid():
+    s = score_sample('```json\n{"a": "1"}\n```', {"a": "1"})
+    assert not s.json_valid and s.json_repaired and s.tp == 0 and s.fn == 1
+    assert not score_sample('{"a": "1"}', {"a": "1"}).json_repaired
+    assert not score_sample("no json here", {"a": "1"}).json_repaired
+    agg = aggregate([s, score_sample('{"a": "1"}', {"a": "1"})])
+    assert agg["json_valid"] == 0.5 and agg["json_repaired"] == 0.5
+
+
+def test_ted_accuracy_hand_computed():
+    gold = {"a": "1", "b": "2"}
+    # gold tree: <root> -> <a> -> "1", <b> -> "2": 5 nodes, TED(empty, gold) = 4
+    assert ted_accuracy(gold, gold) == 1.0
+    assert ted_accuracy({"a": "1", "b": "3"}, gold) == pytest.approx(1 - 1 / 4)   # one relabel
+    assert ted_accuracy({"a": "1"}, gold) == pytest.approx(1 - 2 / 4)               # <b> and its leaf deleted
+    assert ted_accuracy(None, gold) == 0.0                                          # nothing parsed
+    big = {"x": [1, 2, 3, 4, 5, 6, 7, 8, 9]}
+    assert ted_accuracy(big, gold) == 0.0                                           # floored at 0
+
+
+def test_unordered_list_matching():
+    gold = {"items": [{"d": "A", "n": "1"}, {"d": "B", "n": "2"}]}
+    pred = '{"items": [{"d": "B", "n": "2"}, {"d": "A", "n": "1"}]}'
+    by_pos = score_sample(pred, gold)
+    assert (by_pos.tp, by_pos.fn, by_pos.fp) == (0, 4, 4)
+    free = score_sample(pred, gold, list_matching="unordered")
+    assert (free.tp, free.fn, free.fp) == (4, 0, 0) and free.ted_accuracy == 1.0
+    assert not free.exact_match  # exact match stays strict about order
+    # a missing item stays missing, an extra one stays extra
+    short = score_sample('{"items": [{"d": "B", "n": "2"}]}', gold, list_matching="unordered")
+    assert (short.tp, short.fn, short.fp) == (2, 2, 0)
+    extra = score_sample('{"items": [{"d": "C", "n": "3"}, {"d": "B", "n": "2"}, {"d": "A", "n": "1"}]}', gold,
+                         list_matching="unordered")
+    assert (extra.tp, extra.fn, extra.fp) == (4, 0, 2)
+    assert align_lists([3, 1], [1, 2, 3]) == [1, {"__unmatched__": True}, 3]
+
+
+def test_normalisation_options():
+    gold = {"name": "Katie Franco", "cases": "8"}
+    pred = '{"name": "KATIE  FRANCO", "cases": "8.0"}'
+    assert score_sample(pred, gold).tp == 0
+    assert score_sample(pred, gold, casefold=True).tp == 1
+    assert score_sample(pred, gold, casefold=True, numeric=True).tp == 2
+    assert score_sample('{"name": "Katie  Franco"}', {"name": "Katie Franco"}, whitespace=False).tp == 0
+
+
+def test_empty_and_nested_cases():
+    assert score_sample("{}", {"a": "1"}).fn == 1
+    s = score_sample('{"a": {}}', {"a": {}})
+    assert s.tp == 1 and s.exact_match and s.ted_accuracy == 1.0
+    nested = {"p": [{"q": [{"r": "1"}, {"r": "2"}]}]}
+    s = score_sample('{"p": [{"q": [{"r": "1"}, {"r": "X"}]}]}', nested)
+    assert s.fields == {"p[].q[].r": (1, 2)}

@@ -18,7 +18,8 @@ from .config import Config, build_config
 from .data.check import check_split
 from .data.collate import Encoder, GenerateCollator, RecordDataset
 from .data.images import load_image
-from .evaluation.metrics import aggregate, parse_json, score_sample
+from .evaluation.metrics import parse_json
+from .evaluation.report import read_predictions, write_outputs
 from .inference.generate import generate_batch, generate_for_images, stop_token_ids
 from .modeling.load import load_for_inference
 from .training.checkpoints import read_run_config
@@ -49,40 +50,38 @@ def _generate_split(model: Any, processor: Any, config: Config, records: list) -
 
 
 def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", compare_base: bool = False,
-             data_path: str | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Score the run's ``best`` (or ``last``) model on a split; writes ``eval/<split>/`` in the run folder.
+             data_path: str | None = None, limit: int | None = None, from_predictions: bool = False) -> dict[str, Any]:
+    """Score the run's ``best`` (or ``last``) model on a split; writes ``eval/<split>/`` in the run folder:
+    predictions.jsonl, metrics.json, fields.csv, field_accuracy.png and report.html.
+
+    With ``from_predictions`` no model is loaded: the stored raw outputs are re-scored with the
+    run's current metric options and every output is rewritten.
 
     Returns:
-        {"finetuned": metrics, "base": metrics (with compare_base), "n": samples, "skipped": invalid rows}
+        {"split", "n", "skipped", "checkpoint", "options", "finetuned": metrics, "base": metrics (with compare_base)}
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    out_dir = run_dir / "eval" / split
+    title = f"{run_dir.name} · {split} · {which}/"
+    if from_predictions:
+        rows = read_predictions(out_dir / "predictions.jsonl")
+        return write_outputs(out_dir, title, rows, config.metric_options(),
+                             {"split": split, "n": len(rows), "checkpoint": which, "rescored": True})
     report = check_split(data_path or config.data.path, split, max_image_pixels=config.data.max_image_pixels)
     records = report.records[:limit] if limit else report.records
-    out_dir = run_dir / "eval" / split
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which}
     outputs: dict[str, tuple[list[str], list[bool]]] = {}
     for name, base_only in (("finetuned", False), ("base", True)) if compare_base else (("finetuned", False),):
         model, processor, _ = load_for_inference(run_dir, which, config, base_only=base_only)
         outputs[name] = _generate_split(model, processor, config, records)
         _free(model)
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        scores: dict[str, list] = {name: [] for name in outputs}
-        for i, r in enumerate(records):
-            row: dict[str, Any] = {"id": r.id, "image": str(r.image_path), "gold": r.suffix}
-            for name, (texts, cut) in outputs.items():
-                s = score_sample(texts[i], r.suffix, truncated=cut[i])
-                scores[name].append(s)
-                ok, parsed = parse_json(texts[i])
-                row[name] = {"raw": texts[i], "parsed": parsed if ok else None, "scores": s.to_dict()}
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    for name, s in scores.items():
-        results[name] = aggregate(s)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    rows = [{"id": r.id, "image": str(r.image_path), "gold": r.suffix,
+             **{name: {"raw": texts[i], "truncated": cut[i]} for name, (texts, cut) in outputs.items()}}
+            for i, r in enumerate(records)]
+    extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which}
     if report.errors:
-        results["problems"] = [str(p) for p in report.errors]
-    return results
+        extra["problems"] = [str(p) for p in report.errors]
+    return write_outputs(out_dir, title, rows, config.metric_options(), extra)
 
 
 def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | None = None, *, which: str = "best",

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare-base", action="store_true", help="Also score the base model.")
     e.add_argument("--data", help="Dataset folder (default: the run's data.path).")
     e.add_argument("--limit", type=int, help="Score only the first N samples.")
+    e.add_argument("--from-predictions", action="store_true",
+                   help="Re-score the stored eval/<split>/predictions.jsonl without loading a model.")
     pr = sub.add_parser("predict", help="Extract JSON from document images with a run's model.")
     pr.add_argument("--run", required=True)
     pr.add_argument("images", nargs="+")
@@ -96,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             from .api import evaluate
 
             res = evaluate(args.run, args.split, which=args.checkpoint, compare_base=args.compare_base,
-                           data_path=args.data, limit=args.limit)
+                           data_path=args.data, limit=args.limit, from_predictions=args.from_predictions)
             print(format_metrics(res))
-            print(f"\nwritten: {args.run}/eval/{args.split}/")
+            print(f"\nwritten: {args.run}/eval/{args.split}/ (report.html, metrics.json, predictions.jsonl, fields.csv)")
         elif args.command == "predict":
             from .api import predict
 

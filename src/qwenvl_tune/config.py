@@ -75,7 +75,7 @@ class TrainConfig:
     check_val_every_n_epoch: int = _f(2, "Validate every N epochs (on the whole validation split).")
     limit_val_batches: float | None = _f(None, "Validate on this many batches (int) or fraction (float); off by default.")
     monitor: str = _f("val/field_f1", "Validation metric for early stopping and best/.")
-    monitor_mode: Literal["max", "min"] = _f("max", "Whether a larger or smaller monitored value is better.")
+    monitor_mode: Literal["auto", "max", "min"] = _f("auto", "Whether a larger or smaller monitored value is better (auto: from the metric).")
     early_stopping_patience: int = _f(3, "Validations without improvement before stopping (0: off).")
     seed: int = _f(42, "Seed for Python, NumPy and torch, set once at start.")
     accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
@@ -91,6 +91,14 @@ class GenerateConfig:
 
 
 @dataclass
+class MetricsConfig:
+    list_matching: Literal["position", "unordered"] = _f("position", "Compare list items by position, or after an optimal item-to-item assignment.")
+    casefold: bool = _f(False, "Compare string values case-insensitively.")
+    whitespace: bool = _f(True, "Collapse whitespace runs in string values before comparing.")
+    numeric: bool = _f(False, "Compare numeric strings as numbers ('8' equals '8.0').")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs", "Folder under which run folders are created.")
     name: str | None = _f(None, "Run folder name (default: a timestamp).")
@@ -103,7 +111,19 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def monitor_mode(self) -> str:
+        from .evaluation.metrics import HIGHER_IS_BETTER
+
+        if self.train.monitor_mode != "auto":
+            return self.train.monitor_mode
+        return "max" if HIGHER_IS_BETTER[self.train.monitor.split("/", 1)[1]] else "min"
+
+    def metric_options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,6 +142,11 @@ class Config:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if self.lora.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.lora.r}")
+        from .evaluation.metrics import SCALAR_METRICS
+
+        names = [f"val/{m}" for m in SCALAR_METRICS]
+        if t.monitor not in names:
+            raise ConfigError(f"train.monitor must be one of {names}, got {t.monitor!r}{_suggest(t.monitor, names)}")
         if self.model.method == "qlora" and self.model.dtype == "float32":
             raise ConfigError("model.method=qlora computes in model.dtype; use bfloat16 (or float16), not float32")
         return self

@@ -67,7 +67,13 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render_manifest(doc: dict[str, Any], rng: random.Random, width: int = 850, height: int = 1100) -> Image.Image:
-    """Draw a manifest page; layout details are drawn from rng."""
+    """Draw a manifest page; layout details are drawn from rng.
+
+    The page is laid out at 850x1100 (letter at 100 dpi) and then scaled to ``width`` x ``height``,
+    so small sample images keep the layout's proportions instead of overlapping text.
+    """
+    out_size = (width, height)
+    width, height = 850, 1100
     bg = rng.choice([(255, 255, 255), (250, 248, 240), (244, 246, 250)])
     im = Image.new("RGB", (width, height), bg)
     d = ImageDraw.Draw(im)
@@ -118,7 +124,7 @@ def render_manifest(doc: dict[str, Any], rng: random.Random, width: int = 850, h
     im = im.rotate(angle, resample=Image.BICUBIC, fillcolor=bg)
     if rng.random() < 0.3:
         im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    return im
+    return im if out_size == im.size else im.resize(out_size, Image.LANCZOS)
 
 
 def write_dataset(out: str | Path, n_train: int = 16, n_valid: int = 4, n_test: int = 0, seed: int = 0,

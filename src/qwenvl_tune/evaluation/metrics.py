@@ -1,9 +1,16 @@
 """Extraction metrics. Pure functions: no model code, no I/O.
 
-- ``edit_distance``: the guide's normalised Levenshtein distance (distance / longer length).
-- ``parse_json``: strict parse; ``json_valid`` is the strict parse rate.
-- field metrics on flattened key paths (``products[2].cases``): precision, recall,
-  F1 and per-field accuracy (``products[].cases`` aggregates list items).
+- ``edit_distance``: the guide's normalised Levenshtein distance (distance / longer length), C-backed.
+- ``parse_json``: strict parse; ``json_valid`` is the strict parse rate. ``repair_json`` strips code
+  fences and closes truncated brackets; outputs that parse only after repair are counted apart
+  (``json_repaired``) and never as valid.
+- field metrics on flattened key paths (``products[2].cases``): precision, recall, F1 and
+  per-field accuracy (``products[].cases`` aggregates list items); lists compared by position or,
+  with ``list_matching="unordered"``, after an optimal item-to-item assignment; values compared
+  after configurable normalisation.
+- ``ted_accuracy``: 1 - TED(pred, gold) / TED(empty, gold), floored at 0 (tree edit distance as
+  used for document parsing, e.g. Donut), computed with a Cython TED.
+- exact document match and the rate of outputs cut off by ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 _MISSING = object()
@@ -50,6 +58,64 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*(```\s*)?$", re.S)
+
+
+def repair_json(text: str) -> tuple[bool, Any]:
+    """Parse after lenient repair: code fences and surrounding prose stripped, truncated strings,
+    objects and arrays closed, a dangling comma or key dropped. Returns (ok, value)."""
+    m = _FENCE.match(text)
+    if m:
+        text = m.group(1)
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts:
+        return False, None
+    text = text[min(starts):]
+    ok, value = parse_json(text)
+    if ok:
+        return ok, value
+    # close what is open, scanning with a stack (strings respected)
+    stack: list[str] = []
+    in_str = esc = False
+    last_complete = 0
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack:
+                text = text[:i]
+                break
+            stack.pop()
+            if not stack:
+                last_complete = i + 1
+                break
+    candidates = []
+    if last_complete:
+        candidates.append(text[:last_complete])
+    body = text + ('"' if in_str else "")
+    closing = "".join(reversed(stack))
+    candidates.append(body + closing)
+    trimmed = re.sub(r',\s*("[^"]*"\s*:?\s*)?$', "", body.rstrip())
+    candidates.append(trimmed + closing)
+    trimmed2 = re.sub(r',?\s*"[^"]*"\s*:\s*("[^"]*)?$', "", body.rstrip())
+    candidates.append(trimmed2 + closing)
+    for c in candidates:
+        ok, value = parse_json(c)
+        if ok:
+            return True, value
+    return False, None
+
+
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -77,12 +143,83 @@ def normalize_value(value: Any, *, casefold: bool = False, whitespace: bool = Tr
     return value
 
 
+def _tree(value: Any, label: str, nodes: list[str], adj: list[list[int]]) -> None:
+    i = len(nodes)
+    nodes.append(label)
+    adj.append([])
+    if isinstance(value, dict):
+        kids = [(f"<{k}>", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        kids = [("<item>", v) for v in value]
+    else:
+        adj[i].append(len(nodes))
+        nodes.append(json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value)
+        adj.append([])
+        return
+    for lab, v in kids:
+        adj[i].append(len(nodes))
+        _tree(v, lab, nodes, adj)
+
+
+def json_tree(value: Any) -> tuple[list[str], list[list[int]]]:
+    """A JSON value as an ordered labelled tree (depth-first node list + child lists), rooted at '<root>'."""
+    nodes: list[str] = []
+    adj: list[list[int]] = []
+    if value is None:
+        return ["<root>"], [[]]
+    _tree(value, "<root>", nodes, adj)
+    return nodes, adj
+
+
+def ted_accuracy(pred: Any, gold: Any) -> float:
+    """1 - TED(pred, gold) / TED(empty, gold), floored at 0. ``pred=None`` means nothing parsed."""
+    from edist.ted import standard_ted
+
+    g_nodes, g_adj = json_tree(gold)
+    p_nodes, p_adj = json_tree(pred)
+    denom = standard_ted(["<root>"], [[]], g_nodes, g_adj)
+    if denom == 0:
+        return 1.0 if len(p_nodes) == 1 else 0.0
+    return max(0.0, 1.0 - standard_ted(p_nodes, p_adj, g_nodes, g_adj) / denom)
+
+
+def _similarity(a: Any, b: Any) -> int:
+    fa, fb = flatten(a), flatten(b)
+    return sum(1 for k, v in fb.items() if k in fa and fa[k] == v)
+
+
+def align_lists(pred: Any, gold: Any) -> Any:
+    """Reorder every list in ``pred`` to best match the list at the same place in ``gold``.
+
+    Items are paired by an optimal assignment (most equal leaves); unmatched predicted items
+    keep their relative order after the matched ones.
+    """
+    if isinstance(gold, dict) and isinstance(pred, dict):
+        return {k: align_lists(v, gold[k]) if k in gold else v for k, v in pred.items()}
+    if isinstance(gold, list) and isinstance(pred, list) and pred and gold:
+        from scipy.optimize import linear_sum_assignment
+
+        sim = np.array([[_similarity(p, g) for g in gold] for p in pred], dtype=float)
+        rows, cols = linear_sum_assignment(-sim)
+        placed: list[Any] = [None] * len(gold)
+        used = set()
+        for r, c in zip(rows, cols):
+            placed[c] = align_lists(pred[r], gold[c])
+            used.add(r)
+        # gold slots with no predicted item stay empty (a sentinel that never equals a gold leaf)
+        out = [p if p is not None else {"__unmatched__": True} for p in placed]
+        return out + [pred[i] for i in range(len(pred)) if i not in used]
+    return pred
+
+
 @dataclass
 class SampleScore:
     edit_distance: float
     json_valid: bool
     exact_match: bool
     truncated: bool = False
+    json_repaired: bool = False
+    ted_accuracy: float = 0.0
     tp: int = 0
     fp: int = 0
     fn: int = 0
@@ -109,26 +246,37 @@ class SampleScore:
         return d
 
 
-def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, **normalize: bool) -> SampleScore:
+def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, list_matching: str = "position",
+                 casefold: bool = False, whitespace: bool = True, numeric: bool = False) -> SampleScore:
     """Score one prediction against its gold answer (a JSON value or a string).
 
-    Field counts: a gold leaf matched by an equal predicted leaf at the same path
-    is a true positive; a gold leaf that is missing or different is a false
-    negative; a predicted leaf that is extra or different is a false positive.
+    Field counts: a gold leaf matched by an equal predicted leaf at the same path is a true
+    positive; a gold leaf that is missing or different is a false negative; a predicted leaf
+    that is extra or different is a false positive. Field and tree metrics use the strictly
+    parsed output only; a repaired parse is reported (``json_repaired``) but not scored.
     """
+    if list_matching not in ("position", "unordered"):
+        raise ValueError(f"list_matching must be 'position' or 'unordered', got {list_matching!r}")
+    norm = {"casefold": casefold, "whitespace": whitespace, "numeric": numeric}
     gold_text = gold if isinstance(gold, str) else json.dumps(gold, ensure_ascii=False)
     ok, pred = parse_json(pred_text)
+    repaired = not ok and repair_json(pred_text)[0]
     gold_is_json = not isinstance(gold, str)
     if not gold_is_json:
         g_ok, g_val = parse_json(gold)
         if g_ok and isinstance(g_val, (dict, list)):
             gold, gold_is_json = g_val, True
-    score = SampleScore(edit_distance(pred_text.strip(), gold_text.strip()), ok, False, truncated)
+    score = SampleScore(edit_distance(pred_text.strip(), gold_text.strip()), ok, False, truncated, repaired)
     if not gold_is_json:
         score.exact_match = pred_text.strip() == gold_text.strip()
+        score.ted_accuracy = 1.0 if score.exact_match else 0.0
         return score
-    gold_flat = {k: normalize_value(v, **normalize) for k, v in flatten(gold).items()}
-    pred_flat = {k: normalize_value(v, **normalize) for k, v in flatten(pred).items()} if ok else {}
+    if ok and list_matching == "unordered":
+        pred = align_lists(pred, gold)
+    score.ted_accuracy = ted_accuracy(pred if ok else None, gold)
+    gold_flat = {k: normalize_value(v, **norm) for k, v in flatten(gold).items()}
+    pred_flat = {k: normalize_value(v, **norm) for k, v in flatten(pred).items()} if ok else {}
+    pred_flat = {k: v for k, v in pred_flat.items() if not k.endswith("__unmatched__")}
     per_field: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for path, g in gold_flat.items():
         p = pred_flat.get(path, _MISSING)
@@ -141,8 +289,8 @@ def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, **normal
     score.fp = sum(1 for path, p in pred_flat.items()
                    if not (path in gold_flat and gold_flat[path] == p and type(gold_flat[path]) is type(p)))
     score.fields = {k: (v[0], v[1]) for k, v in per_field.items()}
-    # Exact match is strict: the parsed document equals the gold one, no normalisation.
-    score.exact_match = bool(ok and pred == gold)
+    # Exact match is strict: the parsed document equals the gold one, no normalisation, lists in order.
+    score.exact_match = bool(ok and parse_json(pred_text)[1] == gold)
     return score
 
 
@@ -164,6 +312,8 @@ def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
         "n": n,
         "edit_distance": sum(s.edit_distance for s in scores) / n,
         "json_valid": sum(s.json_valid for s in scores) / n,
+        "json_repaired": sum(s.json_repaired for s in scores) / n,
+        "ted_accuracy": sum(s.ted_accuracy for s in scores) / n,
         "exact_match": sum(s.exact_match for s in scores) / n,
         "truncated": sum(s.truncated for s in scores) / n,
         "field_precision": p,
@@ -175,5 +325,7 @@ def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
     }
 
 
-SCALAR_METRICS = ("edit_distance", "json_valid", "exact_match", "field_precision", "field_recall", "field_f1",
-                  "field_accuracy", "truncated")
+SCALAR_METRICS = ("edit_distance", "json_valid", "json_repaired", "exact_match", "field_precision", "field_recall",
+                  "field_f1", "field_accuracy", "ted_accuracy", "truncated")
+# Whether a larger value is better, for early stopping and the report.
+HIGHER_IS_BETTER = {m: m not in ("edit_distance", "json_repaired", "truncated") for m in SCALAR_METRICS}

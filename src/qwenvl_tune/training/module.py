@@ -68,14 +68,14 @@ class FineTuneModule(pl.LightningModule):
         texts, truncated = generate_batch(self.model, self.processor, batch, self.config.generate.max_new_tokens,
                                           self._stop_ids)
         for text, gold, cut in zip(texts, batch["targets"], truncated):
-            self._val_scores.append(score_sample(text, gold, truncated=cut))
+            self._val_scores.append(score_sample(text, gold, truncated=cut, **self.config.metric_options()))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_scores:
             return
         agg = aggregate(self._val_scores)
         for name in SCALAR_METRICS:
-            self.log(f"val/{name}", float(agg[name]), prog_bar=name in ("field_f1", "edit_distance"))
+            self.log(f"val/{name}", float(agg[name]), prog_bar=name in ("field_f1", "edit_distance", "json_valid"))
         self._val_scores = []
 
     def configure_optimizers(self):

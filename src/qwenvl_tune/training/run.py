@@ -124,10 +124,10 @@ def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Sp
 
 def _setup_trainer(config: Config, run_dir: Path, processor: Any) -> tuple[pl.Trainer, RunCheckpoint]:
     t = config.train
-    ckpt = RunCheckpoint(run_dir, processor, t.monitor, t.monitor_mode, t.keep_checkpoints)
+    ckpt = RunCheckpoint(run_dir, processor, t.monitor, config.monitor_mode, t.keep_checkpoints)
     callbacks: list[Callback] = [ckpt, TQDMProgressBar(refresh_rate=1)]
     if t.early_stopping_patience > 0:
-        callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping_patience,
+        callbacks.append(EarlyStopping(monitor=t.monitor, mode=config.monitor_mode, patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False, verbose=True))
     loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="logs", version="")]
     trainer = pl.Trainer(

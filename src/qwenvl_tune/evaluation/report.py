@@ -1,0 +1,226 @@
+"""Evaluation outputs: predictions.jsonl, metrics.json, fields.csv, field_accuracy.png and report.html.
+
+The report is one self-contained HTML file (images and chart embedded, no external assets):
+a summary table (fine-tuned vs base), a per-field accuracy chart, and every sample worst first
+with its thumbnail beside gold and predicted values, differences highlighted.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, flatten, normalize_value, parse_json,
+                      score_sample)
+
+MODELS = ("finetuned", "base")
+
+
+def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
+    """Score stored predictions. Each row: {"id", "image", "gold", "<model>": {"raw", "truncated"}}.
+
+    Returns:
+        (per-model sample scores in row order, per-model aggregate metrics)
+    """
+    models = [m for m in MODELS if rows and m in rows[0]]
+    scores: dict[str, list[SampleScore]] = {m: [] for m in models}
+    for row in rows:
+        for m in models:
+            out = row[m]
+            scores[m].append(score_sample(out["raw"], row["gold"], truncated=bool(out.get("truncated")), **options))
+    return scores, {m: aggregate(s) for m, s in scores.items()}
+
+
+def prediction_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[SampleScore]]) -> list[dict[str, Any]]:
+    out = []
+    for i, row in enumerate(rows):
+        r = {"id": row["id"], "image": row["image"], "gold": row["gold"]}
+        for m, sc in scores.items():
+            ok, parsed = parse_json(row[m]["raw"])
+            r[m] = {"raw": row[m]["raw"], "truncated": bool(row[m].get("truncated")), "parsed": parsed if ok else None,
+                    "scores": sc[i].to_dict()}
+        out.append(r)
+    return out
+
+
+def write_fields_csv(path: Path, metrics: dict[str, Any]) -> None:
+    models = [m for m in MODELS if m in metrics]
+    fields = sorted({f for m in models for f in metrics[m].get("per_field_accuracy", {})})
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["field", "support"] + [f"{m}_accuracy" for m in models])
+        for f in fields:
+            support = next((metrics[m]["per_field_support"].get(f) for m in models if f in metrics[m]["per_field_support"]), 0)
+            w.writerow([f, support] + [f"{metrics[m]['per_field_accuracy'].get(f, 0.0):.4f}" for m in models])
+
+
+def field_chart_png(metrics: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in MODELS if m in metrics]
+    fields = sorted({f for m in models for f in metrics[m].get("per_field_accuracy", {})})
+    fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(fields), 3) + 1.2), dpi=110)
+    height = 0.8 / max(len(models), 1)
+    colors = {"finetuned": "#2563eb", "base": "#9ca3af"}
+    for j, m in enumerate(models):
+        vals = [metrics[m]["per_field_accuracy"].get(f, 0.0) for f in fields]
+        ax.barh([i + j * height for i in range(len(fields))], vals, height=height, label=m, color=colors[m])
+    ax.set_yticks([i + height * (len(models) - 1) / 2 for i in range(len(fields))])
+    ax.set_yticklabels(fields, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("field accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _thumbnail(path: str, max_side: int = 360) -> str:
+    try:
+        from ..data.images import load_image
+
+        im = load_image(path)
+        im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except Exception:  # noqa: BLE001 - a missing image must not stop the report
+        return ""
+
+
+def _fmt(v: Any) -> str:
+    return html.escape(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+
+
+def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any]) -> str:
+    ok, pred = parse_json(pred_raw)
+    if isinstance(gold, str):
+        status = "ok" if pred_raw.strip() == gold.strip() else "wrong"
+        return (f'<table class="diff"><tr class="{status}"><td>(text)</td><td>{_fmt(gold)}</td>'
+                f"<td>{_fmt(pred_raw)}</td></tr></table>")
+    if ok and options.get("list_matching") == "unordered":
+        pred = align_lists(pred, gold)
+    g = flatten(gold)
+    p = {k: v for k, v in flatten(pred).items() if not k.endswith("__unmatched__")} if ok else {}
+    rows = []
+    for path in list(g) + [k for k in p if k not in g]:
+        gv, pv = g.get(path, None), p.get(path, None)
+        if path not in p:
+            cls, pv_s = "missing", "—"
+        elif path not in g:
+            cls, pv_s = "extra", _fmt(pv)
+        else:
+            norm = {k: options[k] for k in ("casefold", "whitespace", "numeric") if k in options}
+            a, b = normalize_value(pv, **norm), normalize_value(gv, **norm)
+            cls, pv_s = ("ok" if a == b and type(a) is type(b) else "wrong"), _fmt(pv)
+        rows.append(f'<tr class="{cls}"><td>{html.escape(path)}</td><td>{_fmt(gv) if path in g else "—"}</td>'
+                    f"<td>{pv_s}</td></tr>")
+    head = "<tr><th>field</th><th>gold</th><th>predicted</th></tr>"
+    note = "" if ok else '<p class="bad">output is not valid JSON: every field counts as missing</p>'
+    return f'{note}<table class="diff">{head}{"".join(rows)}</table>'
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#111;background:#fafafa}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px} .muted{color:#666}
+table{border-collapse:collapse} td,th{padding:4px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
+table.summary td.num{text-align:right;font-variant-numeric:tabular-nums} .better{color:#15803d;font-weight:600}
+.sample{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px;margin:12px 0;display:flex;gap:16px}
+.sample img{max-width:360px;border:1px solid #ddd} .sample .meta{font-size:12px;color:#444;margin-bottom:6px}
+table.diff{font:12px/1.35 ui-monospace,SFMono-Regular,Menlo,monospace}
+tr.ok td{color:#166534} tr.wrong td{background:#fef2f2;color:#991b1b} tr.missing td{background:#fff7ed;color:#9a3412}
+tr.extra td{background:#eff6ff;color:#1e40af} .bad{color:#b91c1c;font-weight:600} pre{white-space:pre-wrap;max-width:720px}
+.legend span{display:inline-block;padding:1px 8px;margin-right:6px;border-radius:4px;font-size:12px}
+"""
+
+
+def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
+               options: dict[str, Any]) -> None:
+    models = [m for m in MODELS if m in metrics]
+    head = "".join(f"<th>{m}</th>" for m in models)
+    summary = []
+    for name in SCALAR_METRICS:
+        vals = [metrics[m][name] for m in models]
+        cells = "".join(f'<td class="num">{v:.3f}</td>' for v in vals)
+        summary.append(f"<tr><td>{name}</td>{cells}</tr>")
+    summary.append("<tr><td>samples</td>" + "".join(f'<td class="num">{metrics[m]["n"]}</td>' for m in models) + "</tr>")
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["finetuned"]["scores"]["f1"],
+                                                     -rows[i]["finetuned"]["scores"]["edit_distance"]))
+    # Decoding and shrinking images dominates a large report; PIL releases the GIL while doing it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
+        thumbs = dict(zip(order, pool.map(lambda i: _thumbnail(rows[i]["image"]), order)))
+    samples = []
+    for rank, i in enumerate(order, 1):
+        r = rows[i]
+        ft = r["finetuned"]["scores"]
+        thumb = thumbs[i]
+        img = f'<img alt="{html.escape(r["id"])}" src="{thumb}">' if thumb else '<p class="bad">image unavailable</p>'
+        base = ""
+        if "base" in r:
+            b = r["base"]["scores"]
+            base = (f'<details><summary>base model: F1 {b["f1"]:.2f}, edit distance {b["edit_distance"]:.2f}</summary>'
+                    f'<pre>{html.escape(r["base"]["raw"])}</pre></details>')
+        flags = (" · <b>cut off at max_new_tokens</b>" if ft["truncated"] else "") + \
+                (" · <b>invalid JSON</b>" if not ft["json_valid"] else "")
+        samples.append(
+            f'<div class="sample" data-id="{html.escape(r["id"])}"><div>{img}</div><div>'
+            f'<div class="meta">#{rank} · {html.escape(r["id"])} · field F1 {ft["f1"]:.2f} · edit distance '
+            f'{ft["edit_distance"]:.3f} · tree accuracy {ft["ted_accuracy"]:.2f}{flags}</div>'
+            f'{_diff_table(r["gold"], r["finetuned"]["raw"], options)}'
+            f'<details><summary>raw output</summary><pre>{html.escape(r["finetuned"]["raw"])}</pre></details>{base}'
+            f"</div></div>")
+    chart = base64.b64encode(chart_png).decode()
+    doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>
+<h1>{html.escape(title)}</h1><p class="muted">{len(rows)} samples · list matching: {html.escape(str(options.get("list_matching")))}
+· normalisation: casefold={options.get("casefold")}, whitespace={options.get("whitespace")}, numeric={options.get("numeric")}</p>
+<h2>Summary</h2><table class="summary" id="summary"><tr><th>metric</th>{head}</tr>{"".join(summary)}</table>
+<h2>Field accuracy</h2><img id="field-chart" alt="per-field accuracy" src="data:image/png;base64,{chart}">
+<h2>Samples, worst first</h2><p class="legend"><span style="background:#fef2f2">wrong</span><span style="background:#fff7ed">missing</span><span style="background:#eff6ff">extra</span><span style="color:#166534">correct</span></p>
+<div id="samples">{"".join(samples)}</div></body></html>"""
+    path.write_text(doc, encoding="utf-8")
+
+
+def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], options: dict[str, Any],
+                  extra: dict[str, Any] | None = None, html_report: bool = True) -> dict[str, Any]:
+    """Score ``rows`` and write every evaluation output into ``out_dir``; returns the metrics dict."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores, metrics = score_rows(rows, options)
+    scored = prediction_rows(rows, scores)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for r in scored:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    result = {**(extra or {}), "options": options, **metrics}
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    write_fields_csv(out_dir / "fields.csv", metrics)
+    if html_report and rows:
+        png = field_chart_png(metrics)
+        (out_dir / "field_accuracy.png").write_bytes(png)
+        write_html(out_dir / "report.html", title, scored, metrics, png, options)
+    return result
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                r = json.loads(line)
+                rows.append({k: ({"raw": v["raw"], "truncated": v.get("truncated", False)} if k in MODELS else v)
+                             for k, v in r.items()})
+    return rows
