@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwenvl-tune", description="Fine-tune Qwen-VL models to read documents into JSON.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="Fine-tune a model; writes a run folder.")
+    t.add_argument("--resume", metavar="RUN|auto", help="Continue a run from its newest complete checkpoint "
+                   "(weights, optimizer, scheduler, step, position in the epoch, RNG).")
     _add_config_args(t)
     e = sub.add_parser("evaluate", help="Score a run's best model on a split.")
     e.add_argument("--run", required=True, help="Run folder (runs/NAME).")
@@ -87,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = _parser().parse_args(argv)
     from .data.records import DataError
+    from .training.checkpoints import CheckpointError
+    from .training.module import NonFiniteError
+    from .training.run import TrainingInterrupted
 
     try:
         if args.command == "train":
             from .api import build_config, train
 
-            run = train(build_config(args.config, _overrides(args)))
+            run = train(build_config(args.config, _overrides(args)), resume=args.resume)
             print(f"\nrun folder: {run}\nnext: qwenvl-tune evaluate --run {run}")
         elif args.command == "evaluate":
             from .api import evaluate
@@ -114,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

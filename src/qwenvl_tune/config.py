@@ -81,7 +81,8 @@ class TrainConfig:
     accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
     devices: int = _f(1, "Devices per node.")
     log_every_n_steps: int = _f(10, "Logging interval in optimizer steps.")
-    keep_checkpoints: int = _f(3, "Epoch checkpoints kept in checkpoints/ (best/ and last/ are always kept).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept in checkpoints/ (best/ and last/ are always kept).")
+    checkpoint_every_n_steps: int = _f(0, "Also write a resumable checkpoint every N optimizer steps (0: only at epoch end).")
 
 
 @dataclass

@@ -8,18 +8,24 @@ save never becomes ``best/`` or ``last/``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from ..config import Config, config_from_dict
 
 MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.ckpt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); earlier checkpoints are untouched."""
 
 
 def read_run_config(run_dir: str | Path) -> Config:
@@ -47,17 +53,32 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str, Any]) -> Path:
-    """Save adapter-or-weights + processor to ``dest`` atomically; ``meta`` goes into the marker."""
+def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str, Any],
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Save adapter-or-weights + processor (+ ``extra(tmp_dir)``, e.g. the trainer state) to ``dest``.
+
+    Written under a temporary name in the same folder, flushed, marked complete last, then
+    renamed into place: an interrupted save never replaces ``dest``.
+
+    Raises:
+        CheckpointError: the disk (or quota) is full, or the folder is not writable.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         _fsync_tree(tmp)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
         _replace_dir(tmp, dest)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise CheckpointError(f"could not save checkpoint {dest}: {e.strerror or e}; "
+                                  f"earlier checkpoints in {dest.parent} are intact") from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +108,20 @@ def copy_checkpoint(src: str | Path, dest: str | Path) -> Path:
 
 def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
+
+
+def latest_resumable(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with trainer state and the highest global step (checkpoints/* and last/)."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in [*(run_dir / "checkpoints").glob("step=*"), run_dir / "last"]
+                  if p.is_dir() and is_complete(p) and (p / TRAINER_STATE).is_file()]
+    if not candidates:
+        return None
+
+    def step(p: Path) -> int:
+        return int(json.loads((p / MARKER).read_text()).get("global_step", -1))
+
+    return max(candidates, key=lambda p: (step(p), p.name != "last"))
 
 
 def prune(folder: str | Path, keep: int) -> list[Path]:

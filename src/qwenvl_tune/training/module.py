@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from typing import Any
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +16,10 @@ from ..config import Config
 from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
 from ..modeling.fast import answer_only_loss
 from ..inference.generate import MODEL_INPUTS, generate_batch, stop_token_ids
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/inf; names the step and the batch's sample ids."""
 
 
 def warmup_linear_decay(warmup: int, total: int):
@@ -31,9 +39,12 @@ class FineTuneModule(pl.LightningModule):
         # from_pretrained returns eval mode; Lightning keeps each module's mode, so switch once here
         # (LoRA dropout is only active in train mode).
         self.model = model.train()
+        # Lightning checkpoints hold only trainable weights (see state_dict), so loading is non-strict.
+        self.strict_loading = False
         self.processor = processor
         self.config = config
         self._val_scores: list = []
+        self.batches_per_epoch: int | None = None  # single-process batches per epoch, set by the recipe
         self._stop_ids: list[int] | None = None
         self._t0: float | None = None
         self._samples = 0
@@ -47,6 +58,11 @@ class FineTuneModule(pl.LightningModule):
             loss = answer_only_loss(self.model, inputs, batch["labels"])
         else:
             loss = self.model(**inputs, labels=batch["labels"]).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss ({float(loss)}) at global step {self.trainer.global_step}, "
+                                 f"epoch {self.current_epoch}, batch {batch_idx}; samples: {batch.get('ids')}. "
+                                 f"The run stopped; checkpoints written before this step are intact.")
+        self._last_ids = batch.get("ids")
         n = batch["input_ids"].shape[0]
         self._samples += n
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
@@ -55,6 +71,38 @@ class FineTuneModule(pl.LightningModule):
         if elapsed > 0:
             self.log("samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=n)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+            raise NonFiniteError(f"non-finite gradient before optimizer step {self.trainer.global_step}; last "
+                                 f"samples: {getattr(self, '_last_ids', None)}. The run stopped; checkpoints written "
+                                 f"before this step are intact.")
+
+    # Lightning checkpoints (the trainer state used to resume) carry only what training changes:
+    # trainable weights, not the frozen multi-GB base model.
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in keep}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain tuples and tensors only, so the checkpoint loads with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng"] = {"python": random.getstate(),
+                             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+                             "torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            random.setstate(rng["python"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_start(self) -> None:
         self._t0, self._samples = time.perf_counter(), 0
@@ -78,10 +126,24 @@ class FineTuneModule(pl.LightningModule):
             self.log(f"val/{name}", float(agg[name]), prog_bar=name in ("field_f1", "edit_distance", "json_valid"))
         self._val_scores = []
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the LR schedule.
+
+        Computed from the loader's size rather than ``trainer.estimated_stepping_batches``, which
+        sets up the train loader before a checkpoint is restored and so loses its resume position.
+        """
+        t = self.config.train
+        if t.max_steps and t.max_steps > 0:
+            return t.max_steps
+        if self.batches_per_epoch is None:
+            return int(self.trainer.estimated_stepping_batches)
+        per_rank = self.batches_per_epoch // max(1, self.trainer.world_size)
+        return math.ceil(per_rank / t.accumulate_grad_batches) * t.max_epochs
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.config.train
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(t.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -7,9 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
+import os
+import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +24,66 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
+from ..data.loader import EpochBatchSampler, ResumableLoader
 from ..data.records import DataError
 from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
 from ..modeling.fast import prefer_flash_sdpa
-from .checkpoints import copy_checkpoint, is_complete, prune, save_checkpoint
+from .checkpoints import read_run_config
+from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_complete, latest_resumable, prune,
+                          save_checkpoint)
 from .module import FineTuneModule
 
 log = logging.getLogger(__name__)
 
 
 class RunCheckpoint(Callback):
-    """Writes checkpoints/epoch=E-step=S each epoch, best/ when the monitored metric improves, last/ at the end."""
+    """Writes resumable checkpoints (HF-format weights + processor + trainer state) atomically.
 
-    def __init__(self, run_dir: Path, processor: Any, monitor: str, mode: str, keep: int):
+    - ``checkpoints/step=S-epoch=E``: at each epoch end, every ``checkpoint_every_n_steps``, and on Ctrl-C;
+      the newest ``keep`` are kept.
+    - ``best/``: whenever the monitored validation metric improves.
+    - ``last/``: at the end of training (and on Ctrl-C).
+    A non-finite loss or gradient stops the run without writing anything, so the last good
+    checkpoint stays as it was.
+    """
+
+    def __init__(self, run_dir: Path, processor: Any, monitor: str, mode: str, keep: int, every_n_steps: int = 0,
+                 train_loader: ResumableLoader | None = None):
         self.run_dir, self.processor, self.monitor, self.mode, self.keep = run_dir, processor, monitor, mode, keep
+        self.train_loader = train_loader
+        self.every_n_steps = every_n_steps
         self.best: float | None = None
         self.validated_step = -1
+        self.stop_requested = False  # set by the first Ctrl-C
+        self.stopped_by_user: Path | None = None
+        self.final_state: Path | None = None
 
     def _meta(self, trainer: pl.Trainer, **extra: Any) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         return {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics, **extra}
 
-    def _save(self, trainer: pl.Trainer, module: FineTuneModule, name: str, **extra: Any) -> Path:
-        return save_checkpoint(module.model, self.processor, self.run_dir / name, self._meta(trainer, **extra))
+    def _save(self, trainer: pl.Trainer, module: FineTuneModule, name: str, with_state: bool = True, **extra: Any) -> Path:
+        def trainer_state(tmp: Path) -> None:
+            trainer.save_checkpoint(tmp / TRAINER_STATE)
+
+        path = save_checkpoint(module.model, self.processor, self.run_dir / name, self._meta(trainer, **extra),
+                               trainer_state if with_state else None)
+        return path
+
+    def _save_resumable(self, trainer: pl.Trainer, module: FineTuneModule, **extra: Any) -> Path:
+        name = f"checkpoints/step={trainer.global_step:07d}-epoch={trainer.current_epoch:03d}"
+        path = self._save(trainer, module, name, **extra)
+        prune(self.run_dir / "checkpoints", self.keep)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
 
     def on_validation_end(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -54,25 +93,58 @@ class RunCheckpoint(Callback):
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better:
             self.best = value
-            self._save(trainer, module, "best", monitor=self.monitor, value=value)
+            self._save(trainer, module, "best", with_state=False, monitor=self.monitor, value=value)
             print(f"best/ updated: {self.monitor}={value:.4f} (epoch {trainer.current_epoch}, step {trainer.global_step})")
 
+    def on_train_batch_end(self, trainer: pl.Trainer, module: FineTuneModule, outputs, batch, batch_idx: int) -> None:
+        # This callback runs first among the batch-end hooks: the batch is trained, so a checkpoint
+        # written from here on (periodic, epoch end, Ctrl-C) resumes after it.
+        if self.train_loader is not None:
+            self.train_loader.mark_completed()
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        saved = None
+        if self.every_n_steps and step_done and trainer.global_step % self.every_n_steps == 0:
+            saved = self._save_resumable(trainer, module)
+        if self.stop_requested and step_done:
+            # Stop at a step boundary: a clean state that resumes exactly.
+            path = saved or self._save_resumable(trainer, module, interrupted=True)
+            copy_checkpoint(path, self.run_dir / "last")
+            self.stopped_by_user = path
+            trainer.should_stop = True
+        elif step_done and 0 < trainer.max_steps <= trainer.global_step:
+            # The run ends here, possibly mid-epoch: save the resumable state now, at the step boundary
+            # (Lightning's epoch-end bookkeeping afterwards would mark the epoch as finished).
+            self.final_state = saved or self._save_resumable(trainer, module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
-        name = f"checkpoints/epoch={trainer.current_epoch:03d}-step={trainer.global_step:06d}"
-        self._save(trainer, module, name)
-        prune(self.run_dir / "checkpoints", self.keep)
+        loader = self.train_loader
+        if self.stopped_by_user or self.final_state or (loader is not None and loader.completed < len(loader)):
+            return  # stopped mid-epoch: the step-boundary checkpoint is the resumable one
+        self._save_resumable(trainer, module, end_of_epoch=True)
 
     def on_train_end(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
-        self._save(trainer, module, "last")
+        if self.stopped_by_user or trainer.interrupted:
+            return  # last/ was written at the stop; nothing to publish from an aborted state
+        if self.final_state is not None:
+            copy_checkpoint(self.final_state, self.run_dir / "last")
+        else:
+            self._save(trainer, module, "last")
         if not is_complete(self.run_dir / "best"):
             # No validation happened (e.g. max_steps hit first): best/ is the final state, said so in its marker.
             copy_checkpoint(self.run_dir / "last", self.run_dir / "best")
 
 
-def _run_dir(config: Config) -> Path:
+
+def _run_dir(config: Config, resuming: bool) -> Path:
     name = config.run.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming and (run_dir / "best").exists():
+        raise ConfigError(f"run folder {run_dir} already holds a trained run; continue it with --resume {run_dir} "
+                          f"or choose another --name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
     return run_dir
 
 
@@ -114,40 +186,135 @@ def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Sp
     d, t = config.data, config.train
     enc = Encoder(processor, d.system_message, d.max_length)
     common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
-    train_loader = DataLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), batch_size=t.batch_size,
-                              shuffle=True, collate_fn=TrainCollator(enc.pad_id), **common)
+    lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
+    sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
+    train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
+                                   TrainCollator(enc.pad_id), num_workers=d.num_workers)
     val_loader = DataLoader(RecordDataset(valid.records, enc, "generate", d.max_image_pixels),
                             batch_size=config.generate.batch_size, shuffle=False,
                             collate_fn=GenerateCollator(enc.pad_id), **common)
     return train_loader, val_loader
 
 
-def _setup_trainer(config: Config, run_dir: Path, processor: Any) -> tuple[pl.Trainer, RunCheckpoint]:
+def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: ResumableLoader,
+                   log_version: str = "") -> tuple[pl.Trainer, RunCheckpoint]:
     t = config.train
-    ckpt = RunCheckpoint(run_dir, processor, t.monitor, config.monitor_mode, t.keep_checkpoints)
+    ckpt = RunCheckpoint(run_dir, processor, t.monitor, config.monitor_mode, t.keep_checkpoints,
+                         t.checkpoint_every_n_steps, train_loader)
     callbacks: list[Callback] = [ckpt, TQDMProgressBar(refresh_rate=1)]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=config.monitor_mode, patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False, verbose=True))
-    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="logs", version="")]
+    loggers = [CSVLogger(run_dir, name="logs", version=log_version),
+               TensorBoardLogger(run_dir, name="logs", version=log_version)]
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=t.max_epochs,
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks, logger=loggers, enable_checkpointing=False, default_root_dir=run_dir,
-        deterministic=False,
+        deterministic=False, use_distributed_sampler=False,  # the loader shards and orders batches itself
     )
     return trainer, ckpt
 
 
-def train(config: Config) -> Path:
-    """Fine-tune per ``config``; returns the run folder (config.yaml, logs/, checkpoints/, best/, last/)."""
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C after saving a resumable checkpoint."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path):
+        self.run_dir, self.checkpoint = run_dir, checkpoint
+        super().__init__(f"interrupted: saved {checkpoint} (and last/); continue with "
+                         f"qwenvl-tune train --resume {run_dir}")
+
+
+@contextlib.contextmanager
+def _graceful_ctrl_c(ckpt: RunCheckpoint):
+    """First Ctrl-C: finish the current optimizer step, save a resumable checkpoint, stop.
+    Second Ctrl-C: abort at once (the newest checkpoint already on disk is what resume uses)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if ckpt.stop_requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        ckpt.stop_requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)",
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_output_dir(run_dir: Path, config: Config) -> None:
+    """Fail before any model loads if the run folder is not writable or has no room for a checkpoint."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
+    need = estimate_checkpoint_bytes(config)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise CheckpointError(f"not enough free space in {run_dir}: {free / 2**30:.2f} GiB free, a checkpoint needs "
+                              f"about {need / 2**30:.2f} GiB (method {config.model.method}); free space or set "
+                              f"--run.output_dir elsewhere")
+
+
+def estimate_checkpoint_bytes(config: Config) -> int:
+    """Rough size of one checkpoint: adapters are small; full fine-tuning saves the weights plus optimizer state."""
+    margin = 64 * 2**20
+    if config.model.method != "full":
+        return margin
+    path = Path(config.model.name_or_path.strip())
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+    # weights (bf16/fp32 as saved) + AdamW moments in fp32 (~2x fp32 weights) in the trainer state
+    return margin + weights + 4 * weights
+
+
+def find_resume(spec: str, config: Config) -> tuple[Path | None, Path | None]:
+    """``--resume RUN_DIR`` or ``--resume auto`` (the run named by run.output_dir/run.name, if it has a checkpoint)."""
+    if spec == "auto":
+        if not config.run.name:
+            raise ConfigError("--resume auto needs --run.name to know which run to continue")
+        run_dir = Path(config.run.output_dir) / config.run.name
+        return (run_dir, latest_resumable(run_dir)) if run_dir.is_dir() else (None, None)
+    run_dir = Path(spec)
+    ckpt = latest_resumable(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete resumable checkpoint (checkpoints/step=*/ or last/ with "
+                                f"{TRAINER_STATE})")
+    return run_dir, ckpt
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Fine-tune per ``config``; returns the run folder (config.yaml, logs/, checkpoints/, best/, last/).
+
+    With ``resume`` (a run folder, or "auto"), training continues from the newest complete
+    checkpoint of that run: weights, optimizer and scheduler, step, position in the epoch and RNG.
+    """
+    ckpt_path = None
+    if resume:
+        run_dir, ckpt = find_resume(resume, config)
+        if ckpt is not None:
+            config = _resumed_config(run_dir, config)
+            ckpt_path = ckpt / TRAINER_STATE
     config.validate()
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     prefer_flash_sdpa(config.model.fast_path)
-    run_dir = _run_dir(config)
-    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    run_dir = _run_dir(config, resuming=ckpt_path is not None)
+    _check_output_dir(run_dir, config)
+    log_version = ""
+    if ckpt_path:
+        log_version = f"resume-{len(list((run_dir / 'logs').glob('resume-*'))) + 1}"
+        print(f"resuming {run_dir} from {ckpt_path.parent.name} (logs in logs/{log_version})")
+    else:
+        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     print(f"run folder: {run_dir}\nresolved config:\n{config.to_yaml()}")
 
     processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
@@ -155,11 +322,29 @@ def train(config: Config) -> Path:
     model = _setup_model(config)
     train_loader, val_loader = _setup_loaders(config, processor, train_rep, valid_rep)
     module = FineTuneModule(model, processor, config)
-    trainer, ckpt = _setup_trainer(config, run_dir, processor)
+    module.batches_per_epoch = len(train_loader._sampler.batches(0)) if hasattr(train_loader, "_sampler") else None
+    trainer, ckpt = _setup_trainer(config, run_dir, processor, train_loader, log_version)
 
-    trainer.fit(module, train_loader, val_loader)
-    if not trainer.interrupted and ckpt.validated_step != trainer.global_step:
+    with _graceful_ctrl_c(ckpt):
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if ckpt.stopped_by_user:
+        raise TrainingInterrupted(run_dir, ckpt.stopped_by_user)
+    if trainer.interrupted:
+        return run_dir
+    if ckpt.validated_step != trainer.global_step:
         # The last epoch was not a validation epoch: validate the final weights so best/ considers them.
         trainer.validate(module, val_loader, verbose=False)
     print(f"done: {run_dir} (best/: {ckpt.monitor}={ckpt.best})")
     return run_dir
+
+
+def _resumed_config(run_dir: Path, overrides: Config) -> Config:
+    """The saved config of the run; training-length settings may be raised on the command line."""
+    saved = read_run_config(run_dir)
+    default = Config()
+    for field in ("max_epochs", "max_steps"):
+        value = getattr(overrides.train, field)
+        if value != getattr(default.train, field) and value != getattr(saved.train, field):
+            setattr(saved.train, field, value)
+    saved.run.output_dir, saved.run.name = str(run_dir.parent), run_dir.name
+    return saved

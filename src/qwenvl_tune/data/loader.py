@@ -1,0 +1,107 @@
+"""A training DataLoader that can resume in the middle of an epoch.
+
+The order of each epoch is a pure function of (seed, epoch): a seeded permutation, optionally
+length-grouped so that batches hold samples of similar length (less padding). The trainer marks
+each batch whose optimisation finished (``mark_completed``); the loader exposes ``state_dict`` /
+``load_state_dict`` (Lightning's stateful-loader interface), which Lightning saves in its checkpoint
+and restores before iterating, so a resumed run trains on exactly the batches the uninterrupted
+run would have. Lightning announces each epoch through ``batch_sampler.sampler.set_epoch``.
+Batches are sharded across data-parallel ranks (every rank gets the same number).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Deterministic batches per epoch; ``skip`` batches are dropped from the start of the next epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None,
+                 rank: int = 0, world_size: int = 1, group: int = 50):
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.epoch = 0
+        self.skip = 0
+        # Lightning calls ``loader.batch_sampler.sampler.set_epoch(epoch)`` at every epoch start.
+        self.sampler = _EpochHook(self)
+
+    def _rank(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return self.rank, self.world_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(self.n))
+        rng.shuffle(order)
+        if self.lengths is not None and self.batch_size > 1:
+            # sort within mega-batches, keep the mega-batch order random
+            mega = self.batch_size * self.group
+            order = [i for k in range(0, len(order), mega)
+                     for i in sorted(order[k:k + mega], key=lambda i: -self.lengths[i])]
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        if self.lengths is not None and self.batch_size > 1:
+            rng.shuffle(batches)
+        rank, world = self._rank()
+        if world == 1:
+            return batches
+        # equal share for every rank: the remainder that cannot be split evenly waits for the next epoch's order
+        per_rank = len(batches) // world
+        return batches[rank * per_rank:(rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return len(self.batches(0))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.skip:]
+
+
+class _EpochHook:
+    def __init__(self, owner: "EpochBatchSampler"):
+        self.owner = owner
+        self.on_epoch: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
+        else:
+            self.owner.epoch = epoch
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over an ``EpochBatchSampler`` with Lightning's stateful-loader interface."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, collate_fn: Any, num_workers: int = 0):
+        # A private generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run's dropout masks would drift from the uninterrupted run's.
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                         persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed))
+        self._sampler = sampler
+        self.completed = 0
+        self._resume_epoch: int | None = None
+        sampler.sampler.on_epoch = self.set_epoch
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._resume_epoch:
+            self._sampler.skip = 0
+        self._resume_epoch = None
+        self._sampler.epoch = epoch
+        self.completed = self._sampler.skip
+
+    def mark_completed(self) -> None:
+        self.completed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._sampler.epoch, "completed": self.completed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._sampler.epoch = self._resume_epoch = int(state["epoch"])
+        self._sampler.skip = self.completed = int(state["completed"])

@@ -1,0 +1,232 @@
+"""Resume exactly and survive crashes: Ctrl-C, SIGKILL, NaNs, full disks."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from qwenvl_tune import api
+from qwenvl_tune.config import build_config
+from qwenvl_tune.training.checkpoints import (MARKER, TRAINER_STATE, CheckpointError, is_complete, latest_resumable,
+                                              save_checkpoint)
+from qwenvl_tune.training.module import FineTuneModule, NonFiniteError
+from qwenvl_tune.training.run import TrainingInterrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(data, model, out, name, **kw):
+    return build_config(None, tiny_overrides(data, model, out, **{
+        "run.name": name, "train.max_epochs": 3, "train.check_val_every_n_epoch": 10, "train.lr": 5e-3,
+        "train.warmup_steps": 2, "lora.dropout": 0.1, **kw}))
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for f in sorted(run.glob("logs/**/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """Send this process a real SIGINT (Ctrl-C) from inside the training step at a given global step."""
+    def arm(step: int):
+        orig = FineTuneModule.training_step
+        state = {"fired": False}
+
+        def patched(self, batch, batch_idx):
+            if self.trainer.global_step == step and not state["fired"]:
+                state["fired"] = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return orig(self, batch, batch_idx)
+        monkeypatch.setattr(FineTuneModule, "training_step", patched)
+    yield arm
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path, interrupt_at, monkeypatch):
+    # 6 training samples, batch 2 -> 3 steps an epoch; 9 steps in all; LoRA dropout on (RNG must be restored)
+    full = api.train(_cfg(sample_data, tiny_dir, tmp_path, "full"))
+    reference = _losses(full)
+    assert len(reference) == 9
+
+    interrupt_at(3)  # Ctrl-C during epoch 1's first batch: that step finishes, then the run stops mid-epoch
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut"))
+    run = tmp_path / "cut"
+    ckpt = latest_resumable(run)
+    assert ckpt is not None and json.loads((ckpt / MARKER).read_text())["global_step"] == 4
+    assert max(_losses(run)) == 3
+    assert is_complete(run / "last") and not is_complete(run / "best")
+    monkeypatch.undo()
+
+    api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut"), resume=str(run))
+    resumed = _losses(run)
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert is_complete(run / "best") and (run / "logs" / "resume-1" / "metrics.csv").exists()
+
+
+def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path):
+    cfg = _cfg(sample_data, tiny_dir, tmp_path, "auto", **{"train.max_epochs": 1})
+    run = api.train(cfg, resume="auto")  # nothing to resume: a fresh run
+    assert json.loads((latest_resumable(run) / MARKER).read_text())["global_step"] == 3
+    cfg2 = _cfg(sample_data, tiny_dir, tmp_path, "auto", **{"train.max_epochs": 2})
+    api.train(cfg2, resume="auto")
+    assert max(_losses(run)) == 5  # steps 0..5 logged across the two invocations
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path, monkeypatch):
+    orig = FineTuneModule.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            monkeypatch.setattr(self.model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+            loss = orig(self, batch, batch_idx)  # pragma: no cover
+        return orig(self, batch, batch_idx)
+
+    # inject NaN through the data: a NaN pixel makes every activation NaN
+    from qwenvl_tune.data import collate as collate_mod
+    real = collate_mod.collate
+
+    def nan_collate(items, pad_id, left):
+        b = real(items, pad_id, left)
+        if nan_collate.calls == 4:
+            b["pixel_values"] = torch.full_like(b["pixel_values"], float("nan"))
+        nan_collate.calls += 1
+        return b
+    nan_collate.calls = 0
+    monkeypatch.setattr(collate_mod, "collate", nan_collate)
+    cfg = _cfg(sample_data, tiny_dir, tmp_path, "nan", **{"train.checkpoint_every_n_steps": 1})
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* global step 4.*samples: \['train:"):
+        api.train(cfg)
+    run = tmp_path / "nan"
+    ckpt = latest_resumable(run)
+    assert json.loads((ckpt / MARKER).read_text())["global_step"] == 4  # the last good step, intact
+    state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert not is_complete(run / "last")
+
+
+def test_full_disk_fails_clearly_and_keeps_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_tune.modeling.load import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    proc = load_processor(tiny_dir, 16 * 28 * 28, 16 * 28 * 28)
+    save_checkpoint(model, proc, tmp_path / "last", {"global_step": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "last").iterdir()}
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(type(proc), "save_pretrained", no_space)
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        save_checkpoint(model, proc, tmp_path / "last", {"global_step": 2})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "last").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]  # no temporary left behind
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "last")  # still loads
+
+
+def test_preflight_refuses_unwritable_output_before_loading_a_model(sample_data, tiny_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    loaded = []
+    import qwenvl_tune.training.run as run_mod
+    monkeypatch.setattr(run_mod, "load_processor", lambda *a, **k: loaded.append(1))
+    with pytest.raises(CheckpointError, match="not writable"):
+        api.train(_cfg(sample_data, tiny_dir, blocker / "runs", "run"))
+    assert loaded == []  # failed before loading anything
+
+
+def test_preflight_refuses_when_disk_too_small(sample_data, tiny_dir, tmp_path, monkeypatch):
+    import shutil as _sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match="not enough free space"):
+        api.train(_cfg(sample_data, tiny_dir, tmp_path, "small"))
+
+
+def _train_cmd(data, model, out, name, extra=()):
+    args = [f"--{k}={v}" for k, v in tiny_overrides(data, model, out, **{
+        "run.name": name, "train.max_epochs": 40, "train.check_val_every_n_epoch": 100,
+        "train.checkpoint_every_n_steps": 2, "train.keep_checkpoints": 2}).items()]
+    return [sys.executable, "-m", "qwenvl_tune.cli", "train", *args, *extra]
+
+
+def test_sigkill_during_training_then_resume(sample_data, tiny_dir, tmp_path):
+    cmd = _train_cmd(sample_data, tiny_dir, tmp_path, "killed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run = tmp_path / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = latest_resumable(run) if run.exists() else None
+        if ck is not None and json.loads((ck / MARKER).read_text())["global_step"] >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ck = latest_resumable(run)
+    step = json.loads((ck / MARKER).read_text())["global_step"]
+    assert step >= 6
+    resume = _train_cmd(sample_data, tiny_dir, tmp_path, "killed", ["--resume", str(run), "--train.max_epochs=4"])
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("last", "best"):
+        assert is_complete(run / name)
+        from peft import PeftConfig
+        PeftConfig.from_pretrained(run / name)  # loadable adapters
+    assert json.loads((run / "last" / MARKER).read_text())["global_step"] == 12
+
+
+def test_sigkill_during_checkpoint_write_never_publishes(tiny_dir, tmp_path):
+    """A process killed while writing a checkpoint leaves only a temporary folder, which resume ignores."""
+    script = textwrap.dedent(f"""
+        import time, sys
+        sys.path.insert(0, {str(ROOT / 'src')!r})
+        from transformers import AutoModelForImageTextToText
+        from qwenvl_tune.training.checkpoints import save_checkpoint
+        class SlowProcessor:
+            def save_pretrained(self, path):
+                open({str(tmp_path / 'writing')!r}, 'w').close()
+                time.sleep(60)
+        model = AutoModelForImageTextToText.from_pretrained({str(tiny_dir)!r})
+        save_checkpoint(model, SlowProcessor(), {str(tmp_path / 'run' / 'checkpoints' / 'step=0000009-epoch=003')!r},
+                        {{"global_step": 9}})
+    """)
+    run = tmp_path / "run"
+    good = run / "checkpoints" / "step=0000004-epoch=001"
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_tune.modeling.load import load_processor
+    save_checkpoint(AutoModelForImageTextToText.from_pretrained(tiny_dir), load_processor(tiny_dir, 784, 784), good,
+                    {"global_step": 4}, lambda tmp: (tmp / TRAINER_STATE).write_bytes(b"state"))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [p.name for p in (run / "checkpoints").iterdir()]
+    assert any(".tmp-" in n for n in leftovers) and "step=0000009-epoch=003" not in leftovers
+    assert latest_resumable(run) == good
