@@ -21,6 +21,7 @@ from .data.images import load_image
 from .evaluation.metrics import parse_json
 from .evaluation.report import read_predictions, write_outputs
 from .inference.generate import generate_batch, generate_for_images, stop_token_ids
+from .inference.structured import constraint_for, load_schema
 from .modeling.load import load_for_inference
 from .training.checkpoints import read_run_config
 from .training.run import train
@@ -34,7 +35,12 @@ def _free(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _generate_split(model: Any, processor: Any, config: Config, records: list) -> tuple[list[str], list[bool]]:
+def _constraint(run_dir: Path, model: Any, processor: Any, constrained: bool):
+    return constraint_for(model, processor, load_schema(run_dir)) if constrained else None
+
+
+def _generate_split(model: Any, processor: Any, config: Config, records: list, constraint: Any = None
+                    ) -> tuple[list[str], list[bool]]:
     enc = Encoder(processor, config.data.system_message)
     ds = RecordDataset(records, enc, "generate", config.data.max_image_pixels)
     loader = torch.utils.data.DataLoader(ds, batch_size=config.generate.batch_size, shuffle=False,
@@ -43,19 +49,22 @@ def _generate_split(model: Any, processor: Any, config: Config, records: list) -
     texts: list[str] = []
     cut: list[bool] = []
     for batch in loader:
-        t, c = generate_batch(model, processor, batch, config.generate.max_new_tokens, stop)
+        t, c = generate_batch(model, processor, batch, config.generate.max_new_tokens, stop, constraint)
         texts += t
         cut += c
     return texts, cut
 
 
 def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", compare_base: bool = False,
-             data_path: str | None = None, limit: int | None = None, from_predictions: bool = False) -> dict[str, Any]:
+             data_path: str | None = None, limit: int | None = None, from_predictions: bool = False,
+             constrained: bool | None = None, compare_constrained: bool = False) -> dict[str, Any]:
     """Score the run's ``best`` (or ``last``) model on a split; writes ``eval/<split>/`` in the run folder:
     predictions.jsonl, metrics.json, fields.csv, field_accuracy.png and report.html.
 
     With ``from_predictions`` no model is loaded: the stored raw outputs are re-scored with the
-    run's current metric options and every output is rewritten.
+    run's current metric options and every output is rewritten. ``constrained`` (default: the
+    run's generate.constrained) decodes under the learnt JSON schema; ``compare_constrained`` adds
+    the fine-tuned model decoded without it, as the "unconstrained" column.
 
     Returns:
         {"split", "n", "skipped", "checkpoint", "options", "finetuned": metrics, "base": metrics (with compare_base)}
@@ -70,22 +79,31 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
                              {"split": split, "n": len(rows), "checkpoint": which, "rescored": True})
     report = check_split(data_path or config.data.path, split, max_image_pixels=config.data.max_image_pixels)
     records = report.records[:limit] if limit else report.records
+    constrained = config.generate.constrained if constrained is None else constrained
     outputs: dict[str, tuple[list[str], list[bool]]] = {}
-    for name, base_only in (("finetuned", False), ("base", True)) if compare_base else (("finetuned", False),):
-        model, processor, _ = load_for_inference(run_dir, which, config, base_only=base_only)
-        outputs[name] = _generate_split(model, processor, config, records)
+    model, processor, _ = load_for_inference(run_dir, which, config)
+    outputs["finetuned"] = _generate_split(model, processor, config, records,
+                                           _constraint(run_dir, model, processor, constrained))
+    if compare_constrained:
+        outputs["unconstrained"] = _generate_split(model, processor, config, records,
+                                                   _constraint(run_dir, model, processor, not constrained))
+    _free(model)
+    if compare_base:
+        model, processor, _ = load_for_inference(run_dir, which, config, base_only=True)
+        outputs["base"] = _generate_split(model, processor, config, records)
         _free(model)
     rows = [{"id": r.id, "image": str(r.image_path), "gold": r.suffix,
              **{name: {"raw": texts[i], "truncated": cut[i]} for name, (texts, cut) in outputs.items()}}
             for i, r in enumerate(records)]
-    extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which}
+    extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which,
+             "constrained": constrained}
     if report.errors:
         extra["problems"] = [str(p) for p in report.errors]
     return write_outputs(out_dir, title, rows, config.metric_options(), extra)
 
 
 def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | None = None, *, which: str = "best",
-            compare_base: bool = False) -> list[dict[str, Any]]:
+            compare_base: bool = False, constrained: bool | None = None) -> list[dict[str, Any]]:
     """Extract JSON from image files with a run's model; one dict per image, in order.
 
     Each dict has ``image``, ``output`` (raw text), ``json`` (parsed or None), ``valid``,
@@ -107,9 +125,10 @@ def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | Non
         if not loaded:
             break
         model, processor, _ = load_for_inference(run_dir, which, config, base_only=base_only)
+        use = (config.generate.constrained if constrained is None else constrained) and not base_only
         texts, cut = generate_for_images(model, processor, [im for _, im in loaded], [prompt] * len(loaded),
                                          config.data.system_message, config.generate.batch_size,
-                                         config.generate.max_new_tokens)
+                                         config.generate.max_new_tokens, _constraint(run_dir, model, processor, use))
         _free(model)
         for (i, _), text, c in zip(loaded, texts, cut):
             ok, parsed = parse_json(text)

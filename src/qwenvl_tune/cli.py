@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare-base", action="store_true", help="Also score the base model.")
     e.add_argument("--data", help="Dataset folder (default: the run's data.path).")
     e.add_argument("--limit", type=int, help="Score only the first N samples.")
+    e.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
+                   help="Decode without the learnt JSON schema.")
+    e.add_argument("--compare-constrained", action="store_true",
+                   help="Also decode without the schema and report both (the 'unconstrained' column).")
     e.add_argument("--from-predictions", action="store_true",
                    help="Re-score the stored eval/<split>/predictions.jsonl without loading a model.")
     pr = sub.add_parser("predict", help="Extract JSON from document images with a run's model.")
@@ -63,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt", help="Instruction (default: the run's data.prompt).")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--compare-base", action="store_true", help="Also show the base model's answer.")
+    pr.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
+                    help="Decode without the learnt JSON schema.")
+    x = sub.add_parser("export", help="Write a run's model for serving: the adapter, or merged full weights.")
+    x.add_argument("--run", required=True)
+    x.add_argument("--out", required=True, help="Output folder (must not exist or be empty).")
+    x.add_argument("--merge", action="store_true", help="Merge the adapter into the (bf16) base weights.")
+    x.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s_ = sub.add_parser("serve", help="HTTP service and web page for a run's model.")
+    s_.add_argument("--run", required=True)
+    s_.add_argument("--host", default="127.0.0.1", help="Bind address (localhost unless told otherwise).")
+    s_.add_argument("--port", type=int, default=8000)
+    s_.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s_.add_argument("--api-key", default=None, help="Require this key in the X-API-Key header (or set QWENVL_TUNE_API_KEY).")
+    s_.add_argument("--max-upload-mb", type=float, default=20.0)
+    s_.add_argument("--max-batch", type=int, default=8, help="Most concurrent requests generated together.")
     c = sub.add_parser("check", help="Validate a dataset and report what is wrong, per file and line.")
     c.add_argument("path", help="Dataset folder.")
     _add_config_args(c)
@@ -75,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 def format_metrics(results: dict[str, Any]) -> str:
     from .evaluation.metrics import SCALAR_METRICS
 
-    cols = [k for k in ("finetuned", "base") if k in results]
+    cols = [k for k in ("finetuned", "unconstrained", "base") if k in results]
     lines = [f"{'metric':<18}" + "".join(f"{c:>12}" for c in cols), "-" * (18 + 12 * len(cols))]
     for m in SCALAR_METRICS:
         lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>12.3f}" for c in cols))
@@ -103,14 +123,27 @@ def main(argv: list[str] | None = None) -> int:
             from .api import evaluate
 
             res = evaluate(args.run, args.split, which=args.checkpoint, compare_base=args.compare_base,
-                           data_path=args.data, limit=args.limit, from_predictions=args.from_predictions)
+                           data_path=args.data, limit=args.limit, from_predictions=args.from_predictions,
+                           constrained=args.constrained, compare_constrained=args.compare_constrained)
             print(format_metrics(res))
             print(f"\nwritten: {args.run}/eval/{args.split}/ (report.html, metrics.json, predictions.jsonl, fields.csv)")
         elif args.command == "predict":
             from .api import predict
 
-            for row in predict(args.run, args.images, args.prompt, which=args.checkpoint, compare_base=args.compare_base):
+            for row in predict(args.run, args.images, args.prompt, which=args.checkpoint, compare_base=args.compare_base,
+                               constrained=args.constrained):
                 print(json.dumps(row, ensure_ascii=False, indent=2))
+        elif args.command == "export":
+            from .inference.export import export_run
+
+            out = export_run(args.run, args.out, merge=args.merge, which=args.checkpoint, dtype=args.dtype)
+            print(f"exported {args.run}/{args.checkpoint} to {out} ({'merged weights' if args.merge else 'adapter'})")
+        elif args.command == "serve":
+            from .inference.server import serve
+
+            serve(args.run, host=args.host, port=args.port, which=args.checkpoint,
+                  api_key=args.api_key or os.environ.get("QWENVL_TUNE_API_KEY"),
+                  max_upload_mb=args.max_upload_mb, max_batch=args.max_batch)
         elif args.command == "check":
             from .data.report import run_check
 
@@ -122,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

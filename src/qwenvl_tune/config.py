@@ -89,6 +89,7 @@ class TrainConfig:
 class GenerateConfig:
     max_new_tokens: int = _f(1024, "Longest generated answer in tokens.")
     batch_size: int = _f(4, "Samples per generation batch (left-padded).")
+    constrained: bool = _f(True, "predict/evaluate/serve decode under the JSON schema learnt from the training answers (run folder's answer_schema.json), so every output parses.")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -36,21 +37,30 @@ def load_image(
         ImageError: naming the file, line and field ``image``.
     """
     path = Path(path)
-    file, line = where
-
-    def fail(msg: str) -> ImageError:
-        return ImageError(f"{path.name}: {msg}", file or path, line, "image")
-
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise fail(f"cannot read: {e.strerror}") from None
+        raise ImageError(f"{path.name}: cannot read: {e.strerror}", where[0] or path, where[1], "image") from None
+    return _decode(path, path.name, size, max_pixels, where)
+
+
+def load_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int = 178_956_970) -> Image.Image:
+    """Like ``load_image``, for an uploaded file's bytes."""
+    return _decode(io.BytesIO(data), name, len(data), max_pixels, (name, None))
+
+
+def _decode(source, name: str, size: int, max_pixels: int, where: tuple) -> Image.Image:
+    file, line = where
+
+    def fail(msg: str) -> ImageError:
+        return ImageError(f"{name}: {msg}", file or name, line, "image")
+
     if size == 0:
         raise fail("file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise fail(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (data.max_image_pixels)")

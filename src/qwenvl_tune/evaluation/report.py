@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, flatten, normalize_value, parse_json,
                       score_sample)
 
-MODELS = ("finetuned", "base")
+MODELS = ("finetuned", "unconstrained", "base")
 
 
 def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
@@ -70,7 +70,7 @@ def field_chart_png(metrics: dict[str, Any]) -> bytes:
     fields = sorted({f for m in models for f in metrics[m].get("per_field_accuracy", {})})
     fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(fields), 3) + 1.2), dpi=110)
     height = 0.8 / max(len(models), 1)
-    colors = {"finetuned": "#2563eb", "base": "#9ca3af"}
+    colors = {"finetuned": "#2563eb", "unconstrained": "#93c5fd", "base": "#9ca3af"}
     for j, m in enumerate(models):
         vals = [metrics[m]["per_field_accuracy"].get(f, 0.0) for f in fields]
         ax.barh([i + j * height for i in range(len(fields))], vals, height=height, label=m, color=colors[m])

@@ -30,12 +30,14 @@ def stop_token_ids(model: Any, processor: Any) -> list[int]:
 
 @torch.no_grad()
 def generate_batch(model: Any, processor: Any, batch: dict[str, Any], max_new_tokens: int,
-                   stop_ids: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
+                   stop_ids: Sequence[int] | None = None, constraint: Any = None) -> tuple[list[str], list[bool]]:
     """Generate for one left-padded batch.
 
     Returns:
         (texts, truncated): decoded answers without special tokens, and whether
         each hit ``max_new_tokens`` before an end-of-turn token.
+
+    With ``constraint`` (a ``JsonConstraint``) every answer is decoded under its JSON schema.
     """
     stop_ids = list(stop_ids or stop_token_ids(model, processor))
     device = next(p.device for p in model.parameters())
@@ -44,8 +46,9 @@ def generate_batch(model: Any, processor: Any, batch: dict[str, Any], max_new_to
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else stop_ids[0]
+    extra = {"logits_processor": [constraint.logits_processor()]} if constraint is not None else {}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                         pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None)
+                         pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None, **extra)
     new = out[:, inputs["input_ids"].shape[1]:].cpu()
     stop = torch.tensor(stop_ids)
     truncated = [not bool(torch.isin(row, stop).any()) for row in new]
@@ -54,8 +57,8 @@ def generate_batch(model: Any, processor: Any, batch: dict[str, Any], max_new_to
 
 
 def generate_for_images(model: Any, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
-                        system_message: str | None = None, batch_size: int = 4, max_new_tokens: int = 1024
-                        ) -> tuple[list[str], list[bool]]:
+                        system_message: str | None = None, batch_size: int = 4, max_new_tokens: int = 1024,
+                        constraint: Any = None) -> tuple[list[str], list[bool]]:
     """Answers for already-loaded images, in order, ``batch_size`` at a time."""
     encoder = Encoder(processor, system_message)
     stop_ids = stop_token_ids(model, processor)
@@ -63,7 +66,8 @@ def generate_for_images(model: Any, processor: Any, images: Sequence[Image.Image
     truncated: list[bool] = []
     for i in range(0, len(images), batch_size):
         items = [encoder.encode_prompt(im, pr) for im, pr in zip(images[i:i + batch_size], prompts[i:i + batch_size])]
-        t, tr = generate_batch(model, processor, collate(items, encoder.pad_id, left=True), max_new_tokens, stop_ids)
+        t, tr = generate_batch(model, processor, collate(items, encoder.pad_id, left=True), max_new_tokens, stop_ids,
+                               constraint)
         texts += t
         truncated += tr
     return texts, truncated

@@ -31,6 +31,7 @@ from ..data.loader import EpochBatchSampler, ResumableLoader
 from ..data.records import DataError
 from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
 from ..modeling.fast import prefer_flash_sdpa
+from ..inference.structured import infer_schema, save_schema
 from .checkpoints import read_run_config
 from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_complete, latest_resumable, prune,
                           save_checkpoint)
@@ -319,6 +320,8 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
     train_rep, valid_rep = _setup_data(config, processor, run_dir)
+    if not ckpt_path:
+        save_schema(run_dir, infer_schema(r.suffix for r in train_rep.records))
     model = _setup_model(config)
     train_loader, val_loader = _setup_loaders(config, processor, train_rep, valid_rep)
     module = FineTuneModule(model, processor, config)

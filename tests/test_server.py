@@ -1,0 +1,181 @@
+"""The HTTP service: every bad input gets the right 4xx, 50 concurrent requests are all answered, and the page works."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import swatch, tiny_overrides, write_split
+from qwenvl_tune import api
+from qwenvl_tune.config import build_config
+from qwenvl_tune.inference.server import Extractor, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
+TARGETS = [{"route": "O385-YZ-713", "dock": "D29"}, {"route": "T147-EH-365", "dock": "D21"}]
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    rows = [{"image": f"{i}.png", "prefix": "extract data in JSON format", "suffix": t} for i, t in enumerate(TARGETS)]
+    imgs = {"0.png": swatch((230, 40, 40), text="O385"), "1.png": swatch((40, 40, 230), text="T147")}
+    for split in ("train", "valid"):
+        write_split(tmp / "mem" / split, rows, imgs)
+    cfg = build_config(None, tiny_overrides(tmp / "mem", tiny_dir, tmp / "runs", **{
+        "model.method": "full", "train.lr": 3e-3, "train.max_epochs": 80, "train.check_val_every_n_epoch": 80,
+        "train.warmup_steps": 5}))
+    return api.train(cfg), tmp / "mem" / "valid"
+
+
+@pytest.fixture(scope="module")
+def extractor(served_run):
+    return Extractor(served_run[0], device="cpu", max_batch=8, wait_ms=20)
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_extract_and_health(extractor, served_run):
+    with TestClient(create_app(extractor)) as client:
+        h = client.get("/health").json()
+        assert h["status"] == "ok" and h["constrained"] is True
+        r = client.post("/v1/extract", files={"image": ("0.png", _png(served_run[1] / "0.png"), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["json"] == TARGETS[0] and body["valid"] and body["timing_ms"]["total"] > 0
+        page = client.get("/")
+        assert page.status_code == 200 and "<script>" in page.text and "http" not in page.text.split("<script>")[1]
+
+
+def test_bad_inputs_get_clear_4xx_and_server_stays_up(extractor, served_run):
+    app = create_app(extractor, api_key="s3cret", max_upload_mb=0.05)
+    good = _png(served_run[1] / "0.png")
+    key = {"X-API-Key": "s3cret"}
+    with TestClient(app) as client:
+        cases = [
+            (client.post("/v1/extract", files={"image": ("0.png", good, "image/png")}), 401, "API key"),
+            (client.post("/v1/extract", files={"image": ("0.png", good, "image/png")}, headers={"X-API-Key": "no"}), 401, "API key"),
+            (client.post("/v1/extract", json={"image": "x"}, headers=key), 415, "multipart/form-data"),
+            (client.post("/v1/extract", content=b"raw", headers={**key, "content-type": "image/png"}), 415, "multipart"),
+            (client.post("/v1/extract", data={"prompt": "hi"}, headers=key), 415, "multipart"),
+            (client.post("/v1/extract", files={"prompt": (None, "hi")}, headers=key), 422, "no file"),
+            (client.post("/v1/extract", files={"image": ("x.png", b"not an image", "image/png")}, headers=key), 400, "not a readable image"),
+            (client.post("/v1/extract", files={"image": ("x.png", b"", "image/png")}, headers=key), 400, "empty"),
+            (client.post("/v1/extract", files={"image": ("big.bin", os.urandom(200_000), "image/png")}, headers=key), 413, "limit"),
+        ]
+        small = io.BytesIO()
+        swatch((1, 1, 1), (10, 10)).save(small, "PNG")
+        cases.append((client.post("/v1/extract", files={"image": ("t.png", small.getvalue(), "image/png")}, headers=key),
+                      400, "smaller than"))
+        for resp, status, needle in cases:
+            assert resp.status_code == status, (status, resp.text)
+            assert needle in resp.json()["error"]["message"], resp.text
+        ok = client.post("/v1/extract", files={"image": ("0.png", good, "image/png")}, headers=key)
+        assert ok.status_code == 200 and ok.json()["valid"]
+
+
+def test_pixel_limit(extractor):
+    big = io.BytesIO()
+    swatch((9, 9, 9), (600, 600)).save(big, "PNG")
+    with TestClient(create_app(extractor, max_image_pixels=100_000)) as client:
+        r = client.post("/v1/extract", files={"image": ("big.png", big.getvalue(), "image/png")})
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+
+
+class _Server:
+    """uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_50_concurrent_requests_on_loopback(extractor, served_run):
+    images = [_png(served_run[1] / f"{i % 2}.png") for i in range(50)]
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def one(i):
+                t = time.perf_counter()
+                r = await client.post("/v1/extract", files={"image": (f"{i % 2}.png", images[i], "image/png")})
+                return r, time.perf_counter() - t
+            return await asyncio.gather(*(one(i) for i in range(50)))
+
+    before = len(extractor.batches)
+    with _Server(create_app(extractor)) as url:
+        results = asyncio.run(fire(url))
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still up
+    assert all(r.status_code == 200 for r, _ in results)
+    assert [r.json()["json"] for r, _ in results] == [TARGETS[i % 2] for i in range(50)]
+    lat = sorted(t for _, t in results)
+    batches = extractor.batches[before:]
+    assert max(batches) > 1 and sum(batches) == 50  # requests were generated together
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "serve_latency.json").write_text(json.dumps({
+        "requests": 50, "p50_s": statistics.median(lat), "p95_s": lat[int(0.95 * len(lat)) - 1], "max_s": lat[-1],
+        "batches": batches, "device": "cpu", "model": "tiny random-init Qwen2.5-VL (test)"}, indent=2))
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_page_uploads_an_image_and_renders_fields(extractor, served_run):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with _Server(create_app(extractor)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('health').textContent.length > 0")
+        page.set_input_files("#file", str(served_run[1] / "1.png"))
+        page.click("#go")
+        page.wait_for_selector("#fields td.key", timeout=60_000)
+        keys = page.locator("#fields td.key").all_inner_texts()
+        values = page.locator("#fields td:not(.key)").all_inner_texts()
+        assert dict(zip(keys, values)) == TARGETS[1]
+        assert page.locator("#valid .badge").inner_text() == "valid JSON"
+        page.click("#toggle")
+        assert json.loads(page.locator("#raw").inner_text()) == TARGETS[1]
+        page.click("#toggle")
+        page.screenshot(path=str(ARTIFACTS / "serve_page.png"))
+        assert errors == []
+        browser.close()
