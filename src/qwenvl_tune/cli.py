@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="Re-score the stored eval/<split>/predictions.jsonl without loading a model.")
     pr = sub.add_parser("predict", help="Extract JSON from document images with a run's model.")
     pr.add_argument("--run", required=True)
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="*", help="Image files (printed as JSON), or use --input/--output for bulk runs.")
+    pr.add_argument("--input", help="Folder of images or a .jsonl list: bulk extraction, streamed to --output.")
+    pr.add_argument("--output", help="JSONL file for bulk results (resumable: inputs already in it are skipped).")
+    pr.add_argument("--devices", type=int, default=1, help="Worker processes for bulk runs (one per GPU).")
+    pr.add_argument("--batch-size", type=int, default=None, help="Images per generation batch (default: the run's).")
     pr.add_argument("--prompt", help="Instruction (default: the run's data.prompt).")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--compare-base", action="store_true", help="Also show the base model's answer.")
@@ -130,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             from .api import predict
 
+            if args.input or args.output:
+                if not (args.input and args.output) or args.images:
+                    print("error: bulk extraction takes --input and --output (and no image arguments)", file=sys.stderr)
+                    return 2
+                from .inference.bulk import bulk_predict
+
+                counts = bulk_predict(args.run, args.input, args.output, devices=args.devices,
+                                      batch_size=args.batch_size, which=args.checkpoint, constrained=args.constrained)
+                print(f"{counts['total']} inputs: {counts['skipped']} already in {args.output}, {counts['written']} "
+                      f"written now; {counts['errors']} unreadable (see their 'error' lines)")
+                return 0
+            if not args.images:
+                print("error: give image files, or --input and --output", file=sys.stderr)
+                return 2
             for row in predict(args.run, args.images, args.prompt, which=args.checkpoint, compare_base=args.compare_base,
                                constrained=args.constrained):
                 print(json.dumps(row, ensure_ascii=False, indent=2))

@@ -36,23 +36,29 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.rank, self.world_size
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``.
+
+        A global batch is ``batch_size * world_size`` samples; rank r takes its r-th slice. One
+        process with ``batch_size * world_size`` therefore sees exactly the same global batches,
+        which is what makes a data-parallel run comparable to a single-device one.
+        """
+        rank, world = self._rank()
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(self.n))
         rng.shuffle(order)
-        if self.lengths is not None and self.batch_size > 1:
-            # sort within mega-batches, keep the mega-batch order random
-            mega = self.batch_size * self.group
+        global_bs = self.batch_size * world
+        if self.lengths is not None and global_bs > 1:
+            # sort within mega-batches (less padding), keep the mega-batch order random
+            mega = global_bs * self.group
             order = [i for k in range(0, len(order), mega)
                      for i in sorted(order[k:k + mega], key=lambda i: -self.lengths[i])]
-        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        if self.lengths is not None and self.batch_size > 1:
-            rng.shuffle(batches)
-        rank, world = self._rank()
-        if world == 1:
-            return batches
-        # equal share for every rank: the remainder that cannot be split evenly waits for the next epoch's order
-        per_rank = len(batches) // world
-        return batches[rank * per_rank:(rank + 1) * per_rank]
+        groups = [order[k:k + global_bs] for k in range(0, len(order), global_bs)]
+        if world > 1:
+            # every rank needs a full slice of every global batch; an incomplete last one waits for the next epoch
+            groups = [g for g in groups if len(g) == global_bs]
+        if self.lengths is not None and global_bs > 1:
+            rng.shuffle(groups)
+        return [g[rank * self.batch_size:(rank + 1) * self.batch_size] for g in groups]
 
     def __len__(self) -> int:
         return len(self.batches(0))
@@ -105,3 +111,28 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._sampler.epoch = self._resume_epoch = int(state["epoch"])
         self._sampler.skip = self.completed = int(state["completed"])
+
+
+class RankShardBatchSampler(Sampler[list[int]]):
+    """Validation/prediction batches for this rank: samples rank, rank+world, ... (no padding, no duplicates).
+
+    Ranks may get one batch more or less; results are gathered by sample, so nothing is counted twice.
+    """
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size = n, batch_size
+
+    def _indices(self) -> list[int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = 0, 1
+        return list(range(rank, self.n, world))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self._indices()
+        for k in range(0, len(idx), self.batch_size):
+            yield idx[k:k + self.batch_size]
+
+    def __len__(self) -> int:
+        return (len(self._indices()) + self.batch_size - 1) // self.batch_size

@@ -54,18 +54,26 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
 
 
 def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str, Any],
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None, *, is_main: bool = True,
+                    tmp_name: str | None = None) -> Path:
     """Save adapter-or-weights + processor (+ ``extra(tmp_dir)``, e.g. the trainer state) to ``dest``.
 
     Written under a temporary name in the same folder, flushed, marked complete last, then
     renamed into place: an interrupted save never replaces ``dest``.
 
+    In a data-parallel run every rank calls this with the same ``tmp_name``: ``extra`` may be
+    collective (Lightning's ``save_checkpoint`` is), everything else is done by the main rank.
+
     Raises:
         CheckpointError: the disk (or quota) is full, or the folder is not writable.
     """
     dest = Path(dest)
+    tmp = dest.with_name(tmp_name or f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if not is_main:
+        if extra is not None:
+            extra(tmp)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

@@ -119,11 +119,19 @@ class FineTuneModule(pl.LightningModule):
             self._val_scores.append(score_sample(text, gold, truncated=cut, **self.config.metric_options()))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_scores:
+        scores = self._val_scores
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            # each rank generated its own share of the validation split: gather every sample's score
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, scores)
+            scores = [s for part in gathered for s in part]
+        if not scores:
             return
-        agg = aggregate(self._val_scores)
+        agg = aggregate(scores)
         for name in SCALAR_METRICS:
-            self.log(f"val/{name}", float(agg[name]), prog_bar=name in ("field_f1", "edit_distance", "json_valid"))
+            # identical on every rank after the gather, so no further reduction
+            self.log(f"val/{name}", float(agg[name]), prog_bar=name in ("field_f1", "edit_distance", "json_valid"),
+                     rank_zero_only=False, sync_dist=False)
         self._val_scores = []
 
     def total_steps(self) -> int:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError
 from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
-from ..data.loader import EpochBatchSampler, ResumableLoader
+from ..data.loader import EpochBatchSampler, RankShardBatchSampler, ResumableLoader
 from ..data.records import DataError
 from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
 from ..modeling.fast import prefer_flash_sdpa
@@ -67,18 +67,30 @@ class RunCheckpoint(Callback):
         return {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics, **extra}
 
     def _save(self, trainer: pl.Trainer, module: FineTuneModule, name: str, with_state: bool = True, **extra: Any) -> Path:
+        """Only global rank 0 writes; with trainer state, every rank takes part (Lightning's save is collective)."""
         def trainer_state(tmp: Path) -> None:
             trainer.save_checkpoint(tmp / TRAINER_STATE)
 
-        path = save_checkpoint(module.model, self.processor, self.run_dir / name, self._meta(trainer, **extra),
-                               trainer_state if with_state else None)
+        dest = self.run_dir / name
+        if not with_state and not trainer.is_global_zero:
+            return dest
+        path = save_checkpoint(module.model, self.processor, dest, self._meta(trainer, **extra),
+                               trainer_state if with_state else None, is_main=trainer.is_global_zero,
+                               tmp_name=f".{dest.name}.tmp-step{trainer.global_step}")
+        if with_state and trainer.world_size > 1:
+            trainer.strategy.barrier("checkpoint")
         return path
 
     def _save_resumable(self, trainer: pl.Trainer, module: FineTuneModule, **extra: Any) -> Path:
         name = f"checkpoints/step={trainer.global_step:07d}-epoch={trainer.current_epoch:03d}"
         path = self._save(trainer, module, name, **extra)
-        prune(self.run_dir / "checkpoints", self.keep)
+        if trainer.is_global_zero:
+            prune(self.run_dir / "checkpoints", self.keep)
         return path
+
+    def _publish(self, trainer: pl.Trainer, src: Path, name: str) -> None:
+        if trainer.is_global_zero:
+            copy_checkpoint(src, self.run_dir / name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -95,7 +107,8 @@ class RunCheckpoint(Callback):
         if better:
             self.best = value
             self._save(trainer, module, "best", with_state=False, monitor=self.monitor, value=value)
-            print(f"best/ updated: {self.monitor}={value:.4f} (epoch {trainer.current_epoch}, step {trainer.global_step})")
+            if trainer.is_global_zero:
+                print(f"best/ updated: {self.monitor}={value:.4f} (epoch {trainer.current_epoch}, step {trainer.global_step})")
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: FineTuneModule, outputs, batch, batch_idx: int) -> None:
         # This callback runs first among the batch-end hooks: the batch is trained, so a checkpoint
@@ -109,7 +122,7 @@ class RunCheckpoint(Callback):
         if self.stop_requested and step_done:
             # Stop at a step boundary: a clean state that resumes exactly.
             path = saved or self._save_resumable(trainer, module, interrupted=True)
-            copy_checkpoint(path, self.run_dir / "last")
+            self._publish(trainer, path, "last")
             self.stopped_by_user = path
             trainer.should_stop = True
         elif step_done and 0 < trainer.max_steps <= trainer.global_step:
@@ -127,19 +140,21 @@ class RunCheckpoint(Callback):
         if self.stopped_by_user or trainer.interrupted:
             return  # last/ was written at the stop; nothing to publish from an aborted state
         if self.final_state is not None:
-            copy_checkpoint(self.final_state, self.run_dir / "last")
+            self._publish(trainer, self.final_state, "last")
         else:
             self._save(trainer, module, "last")
-        if not is_complete(self.run_dir / "best"):
+        if trainer.is_global_zero and not is_complete(self.run_dir / "best"):
             # No validation happened (e.g. max_steps hit first): best/ is the final state, said so in its marker.
             copy_checkpoint(self.run_dir / "last", self.run_dir / "best")
 
 
 
 def _run_dir(config: Config, resuming: bool) -> Path:
-    name = config.run.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Data-parallel workers are started later than rank 0 and must land in the same folder.
+    name = config.run.name or os.environ.get(RUN_NAME_ENV) or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.environ[RUN_NAME_ENV] = name
     run_dir = Path(config.run.output_dir) / name
-    if not resuming and (run_dir / "best").exists():
+    if not resuming and (run_dir / "best").exists() and env_rank() == 0:
         raise ConfigError(f"run folder {run_dir} already holds a trained run; continue it with --resume {run_dir} "
                           f"or choose another --name")
     try:
@@ -149,14 +164,14 @@ def _run_dir(config: Config, resuming: bool) -> Path:
     return run_dir
 
 
-def _setup_data(config: Config, processor: Any, run_dir: Path) -> tuple[SplitReport, SplitReport]:
+def _setup_data(config: Config, processor: Any, run_dir: Path, write: bool = True) -> tuple[SplitReport, SplitReport]:
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               max_image_pixels=d.max_image_pixels, workers=max(1, d.num_workers))
     reports = [check_split(d.path, "train", **kw), check_split(d.path, "valid", **kw)]
-    n_problems = write_problems(run_dir / "data_problems.jsonl", reports)
     errors = [p for rep in reports for p in rep.errors]
-    for rep in reports:
+    n_problems = write_problems(run_dir / "data_problems.jsonl", reports) if write else len(errors)
+    for rep in reports if write else []:
         s = rep.summary()
         print(f"data {s['split']:<5} {s['folder']}: {s['rows']} rows, {s['usable']} usable, {s['errors']} errors, "
               f"{s['warnings']} warnings, longest sample {s['max_tokens']} tokens")
@@ -165,9 +180,12 @@ def _setup_data(config: Config, processor: Any, run_dir: Path) -> tuple[SplitRep
         if not d.skip_invalid:
             raise DataError(f"{len(errors)} invalid row(s); fix them or pass --data.skip_invalid true "
                             f"(all {n_problems} problems in {run_dir / 'data_problems.jsonl'}):\n{listing}")
-        print(f"skipping {len(errors)} invalid row(s) (data.skip_invalid); listed in {run_dir / 'data_problems.jsonl'}:\n{listing}")
-    (run_dir / "data_summary.json").write_text(json.dumps(
-        {"splits": [r.summary() for r in reports], "skipped": len(errors)}, indent=2))
+        if write:
+            print(f"skipping {len(errors)} invalid row(s) (data.skip_invalid); listed in "
+                  f"{run_dir / 'data_problems.jsonl'}:\n{listing}")
+    if write:
+        (run_dir / "data_summary.json").write_text(json.dumps(
+            {"splits": [r.summary() for r in reports], "skipped": len(errors)}, indent=2))
     for rep in reports:
         if not rep.records:
             raise DataError(f"split '{rep.split}' has no usable rows", rep.folder)
@@ -192,7 +210,7 @@ def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Sp
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
                                    TrainCollator(enc.pad_id), num_workers=d.num_workers)
     val_loader = DataLoader(RecordDataset(valid.records, enc, "generate", d.max_image_pixels),
-                            batch_size=config.generate.batch_size, shuffle=False,
+                            batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)
     return train_loader, val_loader
 
@@ -209,7 +227,8 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
     loggers = [CSVLogger(run_dir, name="logs", version=log_version),
                TensorBoardLogger(run_dir, name="logs", version=log_version)]
     trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=t.max_epochs,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, max_epochs=t.max_epochs,
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
@@ -217,6 +236,16 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
         deterministic=False, use_distributed_sampler=False,  # the loader shards and orders batches itself
     )
     return trainer, ckpt
+
+
+RUN_NAME_ENV = "QWENVL_TUNE_RUN_NAME"
+
+
+def env_rank() -> int:
+    """Global rank known before Lightning sets up (launchers export RANK, or LOCAL_RANK + NODE_RANK)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 class TrainingInterrupted(Exception):
@@ -309,18 +338,21 @@ def train(config: Config, resume: str | None = None) -> Path:
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     prefer_flash_sdpa(config.model.fast_path)
     run_dir = _run_dir(config, resuming=ckpt_path is not None)
-    _check_output_dir(run_dir, config)
+    main = env_rank() == 0
+    if main:
+        _check_output_dir(run_dir, config)
     log_version = ""
     if ckpt_path:
         log_version = f"resume-{len(list((run_dir / 'logs').glob('resume-*'))) + 1}"
         print(f"resuming {run_dir} from {ckpt_path.parent.name} (logs in logs/{log_version})")
-    else:
+    elif main:
         (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    print(f"run folder: {run_dir}\nresolved config:\n{config.to_yaml()}")
+    if main:
+        print(f"run folder: {run_dir}\nresolved config:\n{config.to_yaml()}")
 
     processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
-    train_rep, valid_rep = _setup_data(config, processor, run_dir)
-    if not ckpt_path:
+    train_rep, valid_rep = _setup_data(config, processor, run_dir, write=main)
+    if not ckpt_path and main:
         save_schema(run_dir, infer_schema(r.suffix for r in train_rep.records))
     model = _setup_model(config)
     train_loader, val_loader = _setup_loaders(config, processor, train_rep, valid_rep)
@@ -337,7 +369,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     if ckpt.validated_step != trainer.global_step:
         # The last epoch was not a validation epoch: validate the final weights so best/ considers them.
         trainer.validate(module, val_loader, verbose=False)
-    print(f"done: {run_dir} (best/: {ckpt.monitor}={ckpt.best})")
+    if trainer.is_global_zero:
+        print(f"done: {run_dir} (best/: {ckpt.monitor}={ckpt.best})")
     return run_dir
 
 

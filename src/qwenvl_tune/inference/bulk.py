@@ -1,0 +1,165 @@
+"""Bulk extraction: a folder or list of images -> one JSON line per input, resumable, data-parallel.
+
+    qwenvl-tune predict --run runs/NAME --input scans/ --output out.jsonl [--devices 2]
+
+- Inputs: every image file in a folder (sorted), or a ``.jsonl`` list whose lines are
+  ``{"image": path, "prompt": optional}`` or a bare path string (relative to the list's folder).
+- Output lines are appended as batches finish (under a file lock, so several processes share one
+  file), each ``{"input", "json", "valid", "output", "truncated"}`` or ``{"input", "error"}`` for an
+  input that could not be read. Nothing stops on a bad file.
+- Resumable: inputs already in the output are skipped; a line cut off by a crash is discarded
+  first. So an input is written exactly once, also across kills and restarts.
+- ``devices > 1`` starts one worker process per device (GPU ``cuda:i``, or CPU processes), each
+  taking every N-th pending input.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+
+def list_inputs(source: str | Path) -> list[dict[str, str | None]]:
+    """Inputs as [{"input": path, "prompt": str|None}] from a folder or a .jsonl list."""
+    source = Path(source)
+    if source.is_dir():
+        return [{"input": str(p), "prompt": None} for p in sorted(source.rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if source.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            path, prompt = (item, None) if isinstance(item, str) else (item.get("image"), item.get("prompt"))
+            if not isinstance(path, str):
+                raise ValueError(f"{source}:{n}: each line needs an 'image' path")
+            p = Path(path)
+            out.append({"input": str(p if p.is_absolute() else source.parent / p), "prompt": prompt})
+        return out
+    raise ValueError(f"--input must be a folder of images or a .jsonl list, got {source}")
+
+
+def completed_inputs(output: Path) -> set[str]:
+    """Inputs already written; a trailing partial line (from a crash mid-write) is removed first."""
+    if not output.exists():
+        return set()
+    with open(output, "r+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            fh.truncate(cut)
+            data = data[:cut]
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        try:
+            done.add(json.loads(line)["input"])
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return done
+
+
+def _append(output: Path, rows: Iterable[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(output, "a", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str, which: str, batch_size: int,
+            constrained: bool | None, counter: Any) -> None:
+    import torch
+
+    from ..data.images import load_image
+    from ..evaluation.metrics import parse_json
+    from ..modeling.load import load_for_inference
+    from .generate import generate_for_images
+    from .structured import constraint_for, load_schema
+
+    device = f"cuda:{rank}" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "cpu"
+    if device == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    model, processor, config = load_for_inference(run_dir, which, device=device)
+    use = config.generate.constrained if constrained is None else constrained
+    constraint = constraint_for(model, processor, load_schema(run_dir)) if use else None
+    default_prompt = config.data.prompt
+    mine = items[rank::world]
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k:k + batch_size]
+        rows: list[dict[str, Any]] = []
+        ok_items, images = [], []
+        for it in chunk:
+            try:
+                images.append(load_image(it["input"], max_pixels=config.data.max_image_pixels))
+                ok_items.append(it)
+            except Exception as e:  # noqa: BLE001 - recorded per input; the others go on
+                rows.append({"input": it["input"], "error": str(e)})
+        if images:
+            texts, cut = generate_for_images(model, processor, images, [it["prompt"] or default_prompt for it in ok_items],
+                                             config.data.system_message, len(images),
+                                             config.generate.max_new_tokens, constraint)
+            for it, text, c in zip(ok_items, texts, cut):
+                ok, value = parse_json(text)
+                rows.append({"input": it["input"], "json": value if ok else None, "valid": ok, "output": text,
+                             "truncated": c})
+        _append(Path(output), rows)
+        if counter is not None:
+            with counter.get_lock():
+                counter.value += len(chunk)
+
+
+def bulk_predict(run_dir: str | Path, source: str | Path, output: str | Path, *, devices: int = 1,
+                 batch_size: int | None = None, which: str = "best", constrained: bool | None = None,
+                 progress: bool = True) -> dict[str, int]:
+    """Extract every input not yet in ``output``. Returns counts: total, skipped (already done), written, errors."""
+    from ..training.checkpoints import read_run_config
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    items = list_inputs(source)
+    done = completed_inputs(output)
+    pending = [it for it in items if it["input"] not in done]
+    batch_size = batch_size or read_run_config(run_dir).generate.batch_size
+    devices = max(1, min(devices, len(pending))) if pending else 1
+    if pending:
+        if devices == 1:
+            _worker(0, 1, str(run_dir), pending, str(output), which, batch_size, constrained, None)
+        else:
+            ctx = mp.get_context("spawn")
+            counter = ctx.Value("i", 0)
+            procs = [ctx.Process(target=_worker, args=(r, devices, str(run_dir), pending, str(output), which,
+                                                         batch_size, constrained, counter)) for r in range(devices)]
+            for p in procs:
+                p.start()
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(pending), desc="extracting", unit="doc")
+            while any(p.is_alive() for p in procs):
+                time.sleep(0.5)
+                if bar is not None:
+                    bar.n = counter.value
+                    bar.refresh()
+            if bar is not None:
+                bar.n = counter.value
+                bar.close()
+            failed = [p.exitcode for p in procs if p.exitcode != 0]
+            if failed:
+                raise RuntimeError(f"{len(failed)} worker process(es) failed (exit codes {failed}); "
+                                   f"run the same command again to continue where they stopped")
+    written = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {"total": len(items), "skipped": len(items) - len(pending), "written": len(pending),
+            "errors": sum(1 for r in written if "error" in r), "lines": len(written)}
