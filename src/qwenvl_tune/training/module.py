@@ -66,10 +66,12 @@ class FineTuneModule(pl.LightningModule):
         n = batch["input_ids"].shape[0]
         self._samples += n
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        # averaged over ranks (a scalar all-reduce) so data-parallel runs log the global batch's loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=self.trainer.world_size > 1)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=n)
         if elapsed > 0:
-            self.log("samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=n)
+            # all ranks together (every rank processes the same number of samples per step)
+            self.log("samples_per_s", self._samples * self.trainer.world_size / elapsed, prog_bar=True, batch_size=n)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
