@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--docs", type=int, default=96)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--runs", default="1_device_batch2,2_devices_batch1",
+                    help="which of 1_device_batch2, 2_devices_batch1, 2_devices_batch2 to run")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     from qwenvl_tune.data.synthetic import write_dataset
@@ -86,9 +88,12 @@ def main() -> None:
     if not (data / "train" / "annotations.jsonl").exists():
         size = (1700, 2200) if args.size != "tiny" else (300, 400)
         write_dataset(data, n_train=args.docs, n_valid=2, seed=0, size=size)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false"}
     results = {"size": args.size, "steps": args.steps, "runs": {}}
-    for name, devices, batch in (("1_device_batch2", 1, 2), ("2_devices_batch1", 2, 1)):
+    plans = {"1_device_batch2": (1, 2), "2_devices_batch1": (2, 1), "2_devices_batch2": (2, 2)}
+    for name in args.runs.split(","):
+        devices, batch = plans[name]
         run_name = f"{name}-{int(time.time())}"
         cmd = [sys.executable, "-m", "qwenvl_tune.cli", "train", "--data", str(data), "--model", str(ckpt),
                "--method", "lora", f"--train.devices={devices}", f"--train.batch_size={batch}",
@@ -113,12 +118,15 @@ def main() -> None:
         print(f"{name}: {sps:.2f} samples/s, wall {wall:.0f}s, losses {[round(loss[k], 4) for k in sorted(loss)]}",
               flush=True)
     r = results["runs"]
-    if all("samples_per_s" in v for v in r.values()):
+    if all(k in r and "samples_per_s" in r[k] for k in ("1_device_batch2", "2_devices_batch1")):
         a, b = r["1_device_batch2"], r["2_devices_batch1"]
         results["speedup"] = b["samples_per_s"] / a["samples_per_s"]
         common = sorted(set(a["loss"]) & set(b["loss"]))
         results["max_loss_diff"] = max(abs(a["loss"][k] - b["loss"][k]) for k in common)
         print(f"speedup {results['speedup']:.2f}x, max per-step loss difference {results['max_loss_diff']:.4g}")
+    if all(k in r and "samples_per_s" in r[k] for k in ("1_device_batch2", "2_devices_batch2")):
+        results["speedup_equal_per_device_batch"] = r["2_devices_batch2"]["samples_per_s"] / r["1_device_batch2"]["samples_per_s"]
+        print(f"2 devices x batch 2 vs 1 device x batch 2: {results['speedup_equal_per_device_batch']:.2f}x")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"ddp_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
 
