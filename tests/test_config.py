@@ -62,3 +62,12 @@ def test_cli_exposes_every_field_once_and_aliases():
     for name, f, _ in iter_fields():
         assert options.count(f"--{name}") == 1, name
     assert "Peak learning rate" in train.format_help()  # field docs are the CLI help
+
+
+def test_cli_unknown_option_gets_a_suggestion(capsys):
+    from qwenvl_tune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--lora.rank", "4"])
+    assert e.value.code == 2
+    assert "did you mean 'lora.r'" in capsys.readouterr().err

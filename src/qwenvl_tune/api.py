@@ -29,8 +29,8 @@ from .training.run import train
 __all__ = ["build_config", "train", "evaluate", "predict", "Config"]
 
 
-def _free(model: Any) -> None:
-    del model
+def _release_cuda_cache() -> None:
+    """After the caller dropped its model: hand cached GPU memory back before loading the next one."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -87,11 +87,13 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
     if compare_constrained:
         outputs["unconstrained"] = _generate_split(model, processor, config, records,
                                                    _constraint(run_dir, model, processor, not constrained))
-    _free(model)
+    del model
+    _release_cuda_cache()
     if compare_base:
         model, processor, _ = load_for_inference(run_dir, which, config, base_only=True)
         outputs["base"] = _generate_split(model, processor, config, records)
-        _free(model)
+        del model
+        _release_cuda_cache()
     rows = [{"id": r.id, "image": str(r.image_path), "gold": r.suffix,
              **{name: {"raw": texts[i], "truncated": cut[i]} for name, (texts, cut) in outputs.items()}}
             for i, r in enumerate(records)]
@@ -129,7 +131,8 @@ def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | Non
         texts, cut = generate_for_images(model, processor, [im for _, im in loaded], [prompt] * len(loaded),
                                          config.data.system_message, config.generate.batch_size,
                                          config.generate.max_new_tokens, _constraint(run_dir, model, processor, use))
-        _free(model)
+        del model
+        _release_cuda_cache()
         for (i, _), text, c in zip(loaded, texts, cut):
             ok, parsed = parse_json(text)
             entry = {"output": text, "json": parsed if ok else None, "valid": ok, "truncated": c}

@@ -111,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     # Document batches vary in shape step to step; expandable segments keep the CUDA caching
     # allocator from fragmenting (set before torch initialises CUDA; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        from .config import _suggest
+
+        names = [n for n, _, _ in iter_fields()] + list(ALIASES)
+        flags = [u for u in unknown if u.startswith("--")]
+        hint = _suggest(flags[0][2:].split("=")[0], names) if flags else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     from .data.records import DataError
     from .training.checkpoints import CheckpointError
     from .training.module import NonFiniteError

@@ -17,7 +17,7 @@ from typing import Any
 
 from .conversation import render
 from .images import load_image
-from .records import DataError, Problem, Record, SplitError, find_split, read_split, serialize_target
+from .records import DataError, Problem, Record, SplitError, find_split, read_split
 
 
 @dataclass
@@ -114,22 +114,4 @@ def write_problems(path: str | Path, reports: list[SplitReport]) -> int:
     return n
 
 
-def answer_shapes(records: list[Record]) -> dict[str, Any]:
-    """How many answers are JSON, and which top-level keys occur how often."""
-    keys: Counter = Counter()
-    json_rows = 0
-    for r in records:
-        value = r.suffix
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                continue
-        if isinstance(value, (dict, list)):
-            json_rows += 1
-        if isinstance(value, dict):
-            keys.update(value.keys())
-    return {"json_answers": json_rows, "keys": dict(keys.most_common())}
-
-
-__all__ = ["SplitReport", "check_split", "sample_tokens", "write_problems", "answer_shapes", "serialize_target"]
+__all__ = ["SplitReport", "check_split", "sample_tokens", "write_problems"]

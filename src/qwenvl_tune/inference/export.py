@@ -41,16 +41,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, whi
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"run": str(run_dir), "checkpoint": which, "method": config.model.method,
                             "base_model": config.model.name_or_path}
-    if config.model.method == "full":
-        for f in ckpt.iterdir():
-            if f.name != "COMPLETE" and f.name != "trainer_state.ckpt":
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
-        info["merged"] = True
-    elif not merge:
+    if config.model.method == "full" or not merge:
+        # full fine-tuning already has complete weights; an adapter export is the adapter as trained
         for f in ckpt.iterdir():
             if f.name not in ("COMPLETE", "trainer_state.ckpt"):
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
-        info["merged"] = False
+        info["merged"] = config.model.method == "full"
     else:
         from peft import PeftModel
 

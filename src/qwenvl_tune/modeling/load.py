@@ -7,7 +7,6 @@ from a hub id or a local folder.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import torch
 
 from ..config import Config, ModelConfig
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -41,7 +39,7 @@ def quantization_config(cfg: ModelConfig):
     """4-bit NF4 with double quantisation, computing in ``cfg.dtype``.
 
     Built through the typed constructor so a misspelt argument fails loudly
-    (the guide's ``bnb_4bit_compute_type`` was silently ignored: float32 compute).
+    (the guide misspelt the compute-dtype argument, which was silently ignored: float32 compute).
     """
     from transformers import BitsAndBytesConfig
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import logging
 import os
 import shutil
 import signal
@@ -37,7 +36,6 @@ from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_co
                           save_checkpoint)
 from .module import FineTuneModule
 
-log = logging.getLogger(__name__)
 
 
 class RunCheckpoint(Callback):
