@@ -358,8 +358,12 @@ def train(config: Config, resume: str | None = None) -> Path:
     module.batches_per_epoch = len(train_loader._sampler.batches(0)) if hasattr(train_loader, "_sampler") else None
     trainer, ckpt = _setup_trainer(config, run_dir, processor, train_loader, log_version)
 
-    with _graceful_ctrl_c(ckpt):
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        with _graceful_ctrl_c(ckpt):
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except BaseException:
+        _close_progress_bars(trainer)  # so the error is the last thing printed
+        raise
     if ckpt.stopped_by_user:
         raise TrainingInterrupted(run_dir, ckpt.stopped_by_user)
     if trainer.interrupted:
@@ -370,6 +374,15 @@ def train(config: Config, resume: str | None = None) -> Path:
     if trainer.is_global_zero:
         print(f"done: {run_dir} (best/: {ckpt.monitor}={ckpt.best})")
     return run_dir
+
+
+def _close_progress_bars(trainer: pl.Trainer) -> None:
+    for cb in trainer.callbacks:
+        if isinstance(cb, TQDMProgressBar):
+            for name in ("_train_progress_bar", "_val_progress_bar"):
+                bar = getattr(cb, name, None)
+                if bar is not None:
+                    bar.close()
 
 
 def _resumed_config(run_dir: Path, overrides: Config) -> Config:
