@@ -100,10 +100,11 @@ def format_metrics(results: dict[str, Any]) -> str:
     from .evaluation.metrics import SCALAR_METRICS
 
     cols = [k for k in ("finetuned", "unconstrained", "base") if k in results]
-    lines = [f"{'metric':<18}" + "".join(f"{c:>12}" for c in cols), "-" * (18 + 12 * len(cols))]
+    w = 15
+    lines = [f"{'metric':<18}" + "".join(f"{c:>{w}}" for c in cols), "-" * (18 + w * len(cols))]
     for m in SCALAR_METRICS:
-        lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>12.3f}" for c in cols))
-    lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>12d}" for c in cols))
+        lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>{w}.3f}" for c in cols))
+    lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
     return "\n".join(lines)
 
 

@@ -36,11 +36,13 @@ def run_demo(out: str | Path = "demo_output") -> dict:
     config = build_config(demo_config_path(), {"data.path": str(data), "model.name_or_path": str(model_dir),
                                                 "run.output_dir": str(out / "runs")})
     run = train(config)
-    results = evaluate(run, "valid", compare_base=True)
+    results = evaluate(run, "valid", compare_base=True, compare_constrained=True)
     sample = sorted((data / "valid").glob("*.jpg"))[0]
     row = predict(run, [sample])[0]
     print("\n=== validation metrics (tiny model, CPU) ===")
     print(format_metrics(results))
+    print("finetuned: decoded under the JSON schema learnt from the training answers; unconstrained: the same model "
+          "without it; base: the random-init model before training.")
     print(f"\n=== predict {sample.name} ===\n{row.get('output', row.get('error'))}")
     print(f"\ngold: {json.dumps(json.loads((data / 'valid' / 'annotations.jsonl').read_text().splitlines()[0])['suffix'], ensure_ascii=False)}")
     print(f"\nrun folder: {run}  ({time.perf_counter() - t0:.0f} s)")

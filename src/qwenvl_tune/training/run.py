@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class RunCheckpoint(Callback):
     def _save(self, trainer: pl.Trainer, module: FineTuneModule, name: str, with_state: bool = True, **extra: Any) -> Path:
         """Only global rank 0 writes; with trainer state, every rank takes part (Lightning's save is collective)."""
         def trainer_state(tmp: Path) -> None:
-            trainer.save_checkpoint(tmp / TRAINER_STATE)
+            trainer.save_checkpoint(tmp / TRAINER_STATE, weights_only=False)
 
         dest = self.run_dir / name
         if not with_state and not trainer.is_global_zero:
@@ -218,7 +219,8 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
     t = config.train
     ckpt = RunCheckpoint(run_dir, processor, t.monitor, config.monitor_mode, t.keep_checkpoints,
                          t.checkpoint_every_n_steps, train_loader)
-    callbacks: list[Callback] = [ckpt, TQDMProgressBar(refresh_rate=1)]
+    # a live bar in a terminal; in logs (CI, nohup, pipes) an update every 50 steps instead of every step
+    callbacks: list[Callback] = [ckpt, TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=config.monitor_mode, patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False, verbose=True))
