@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def format_report(rep: dict[str, Any]) -> str:
             lines.append(f"  keys never seen in train: {', '.join(e['keys_not_in_train'])}")
         for item in e.get("longest", []):
             lines.append(f"  longest: {item['id']} {item['total']} tokens ({item['image']} image, {item['answer']} answer)")
-    if rep.get("max_length") and any("max_tokens" in e for e in rep["splits"].values()):
+    if rep.get("max_length") and any(e.get("max_tokens") for e in rep["splits"].values()):
         longest = max((e.get("max_tokens") or 0) for e in rep["splits"].values())
         over = sum(1 for e in rep["splits"].values() for p in e["problems"] if p["kind"] == "SampleTooLongError")
         verdict = "all samples fit" if not over else f"{over} sample(s) over it (listed below)"
@@ -117,7 +118,8 @@ def run_check(path: str | Path, config_path: str | None, overrides: dict[str, An
     try:
         processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
     except OSError as e:
-        print(f"note: token counts skipped, processor for {config.model.name_or_path} not loadable: {e}")
+        print(f"note: token counts skipped: the processor of {config.model.name_or_path} could not be loaded "
+              f"({type(e).__name__}); pass --model with a local checkpoint folder to count tokens", file=sys.stderr)
         processor = None
     rep = build_report(path, processor, config.data.system_message, config.data.max_length,
                        config.data.max_image_pixels)
