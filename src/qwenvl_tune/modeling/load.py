@@ -7,6 +7,7 @@ from a hub id or a local folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def load_base_model(cfg: ModelConfig, device_map: Any = None, quantize: bool | N
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
     if quantize:
         kwargs["quantization_config"] = quantization_config(cfg)
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        # 4-bit weights are quantised on the device they load to: in a data-parallel run each process
+        # loads onto its own GPU (LOCAL_RANK, set by Lightning, torchrun and SLURM launchers).
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        kwargs["device_map"] = device_map or {"": local if torch.cuda.is_available() else "cpu"}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     return AutoModelForImageTextToText.from_pretrained(cfg.name_or_path.strip(), **kwargs)
