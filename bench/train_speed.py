@@ -232,7 +232,6 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70), flush=True)
     t0 = time.perf_counter()
     n_samples = n_tokens = 0
-    flops = 0.0
     for i in range(warmup, warmup + steps):
         step(i)
         b = data[i % len(data)]

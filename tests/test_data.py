@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import swatch, write_split
+from conftest import swatch
 from qwenvl_tune.data.check import check_split
 from qwenvl_tune.data.images import load_image
-from qwenvl_tune.data.records import (DataError, ImageError, ImagePathError, JSONLError, SchemaError, SplitError,
+from qwenvl_tune.data.records import (DataError, ImageError, SplitError,
                                       read_split, serialize_target)
 
 GOOD = {"image": "ok.png", "prefix": "extract data in JSON format", "suffix": {"dock": "D29"}}
@@ -106,7 +106,7 @@ def test_directory_as_image(tmp_path):
 
 def test_dotdot_and_absolute_paths_escape(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"x")
-    folder = _split(tmp_path, [{**GOOD, "image": "../secret.png"}, {**GOOD, "image": str(tmp_path / "secret.png")}])
+    _split(tmp_path, [{**GOOD, "image": "../secret.png"}, {**GOOD, "image": str(tmp_path / "secret.png")}])
     rep = check_split(tmp_path, "train")
     kinds = sorted((p.line, p.kind) for p in rep.errors)
     assert kinds == [(1, "ImagePathError"), (2, "ImagePathError")]
@@ -154,7 +154,7 @@ def test_broken_images(tmp_path, name, data, needle):
 
 
 def test_decompression_bomb_limit_is_configurable(tmp_path):
-    folder = _split(tmp_path, [{**GOOD, "image": "big.png"}], {"big.png": swatch((9, 9, 9), (400, 400))})
+    _split(tmp_path, [{**GOOD, "image": "big.png"}], {"big.png": swatch((9, 9, 9), (400, 400))})
     rep = check_split(tmp_path, "train", max_image_pixels=100_000)
     assert [p.kind for p in rep.errors] == ["ImageError"] and "exceeds the limit" in rep.errors[0].message
     assert not check_split(tmp_path, "train").errors
@@ -216,7 +216,7 @@ def test_deeply_nested_answers_load(tmp_path):
     deep: dict = {"v": "leaf"}
     for i in range(60):
         deep = {f"k{i}": deep}
-    folder = _split(tmp_path, [{**GOOD, "suffix": deep}])
+    _split(tmp_path, [{**GOOD, "suffix": deep}])
     rep = check_split(tmp_path, "train")
     assert not rep.problems and rep.records[0].suffix == deep
 
@@ -225,7 +225,7 @@ def test_too_long_answers_are_reported_before_training(tmp_path, tiny_dir):
     from qwenvl_tune.modeling.load import load_processor
 
     long_answer = {"notes": "word " * 3000}
-    folder = _split(tmp_path, [GOOD, {**GOOD, "suffix": long_answer}])
+    _split(tmp_path, [GOOD, {**GOOD, "suffix": long_answer}])
     proc = load_processor(tiny_dir, 16 * 28 * 28, 16 * 28 * 28)
     rep = check_split(tmp_path, "train", processor=proc, max_length=512)
     assert [(p.line, p.kind, p.field) for p in rep.errors] == [(2, "SampleTooLongError", "suffix")]

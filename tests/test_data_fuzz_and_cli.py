@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from conftest import swatch, tiny_overrides
 from qwenvl_tune.cli import main
 from qwenvl_tune.config import build_config
-from qwenvl_tune.data.check import check_split
 from qwenvl_tune.data.images import load_image
 from qwenvl_tune.data.records import DataError, read_split
 

@@ -93,14 +93,6 @@ def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path
 
 
 def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path, monkeypatch):
-    orig = FineTuneModule.training_step
-
-    def poisoned(self, batch, batch_idx):
-        if self.trainer.global_step == 4:
-            monkeypatch.setattr(self.model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
-            loss = orig(self, batch, batch_idx)  # pragma: no cover
-        return orig(self, batch, batch_idx)
-
     # inject NaN through the data: a NaN pixel makes every activation NaN
     from qwenvl_tune.data import collate as collate_mod
     real = collate_mod.collate

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..modeling.load import DTYPES, load_base_model, load_processor
 from ..training.checkpoints import is_complete, read_run_config
@@ -64,8 +63,3 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, whi
     (out / "qwenvl_tune_export.json").write_text(json.dumps(info, indent=2))
     return out
 
-
-@torch.no_grad()
-def compare_logits(a: torch.nn.Module, b: torch.nn.Module, batch: dict[str, Any]) -> float:
-    """Largest absolute logit difference of two models on one batch (used to verify exports)."""
-    return float((a(**batch).logits.float() - b(**batch).logits.float()).abs().max())
