@@ -71,3 +71,17 @@ def test_cli_unknown_option_gets_a_suggestion(capsys):
         main(["train", "--lora.rank", "4"])
     assert e.value.code == 2
     assert "did you mean 'lora.r'" in capsys.readouterr().err
+
+
+def test_impossible_strategy_is_a_config_error_before_the_model_loads(sample_data, tiny_dir, tmp_path, monkeypatch):
+    from conftest import tiny_overrides
+    from qwenvl_tune import api
+    import qwenvl_tune.training.run as run_mod
+
+    loaded = []
+    monkeypatch.setattr(run_mod, "_setup_model", lambda *a, **k: loaded.append(1))
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"train.strategy": "fsdp",
+                                                                                "train.devices": 2}))
+    with pytest.raises(ConfigError, match="train.strategy='fsdp'.*requires a GPU"):
+        api.train(cfg)
+    assert loaded == []

@@ -226,7 +226,16 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
                                        check_on_train_epoch_end=False, verbose=True))
     loggers = [CSVLogger(run_dir, name="logs", version=log_version),
                TensorBoardLogger(run_dir, name="logs", version=log_version)]
-    trainer = pl.Trainer(
+    try:
+        trainer = _trainer(t, callbacks, loggers, run_dir)
+    except ValueError as e:  # Lightning's word on an impossible accelerator/strategy/devices combination
+        raise ConfigError(f"train.accelerator={t.accelerator!r}, train.strategy={t.strategy!r}, "
+                          f"train.devices={t.devices}: {e}") from None
+    return trainer, ckpt
+
+
+def _trainer(t: Any, callbacks: list, loggers: list, run_dir: Path) -> pl.Trainer:
+    return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=t.precision, max_epochs=t.max_epochs,
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
@@ -235,7 +244,6 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
         callbacks=callbacks, logger=loggers, enable_checkpointing=False, default_root_dir=run_dir,
         deterministic=False, use_distributed_sampler=False,  # the loader shards and orders batches itself
     )
-    return trainer, ckpt
 
 
 RUN_NAME_ENV = "QWENVL_TUNE_RUN_NAME"
@@ -354,11 +362,12 @@ def train(config: Config, resume: str | None = None) -> Path:
     train_rep, valid_rep = _setup_data(config, processor, run_dir, write=main)
     if not ckpt_path and main:
         save_schema(run_dir, infer_schema(r.suffix for r in train_rep.records))
-    model = _setup_model(config)
     train_loader, val_loader = _setup_loaders(config, processor, train_rep, valid_rep)
+    # the trainer before the model: an impossible accelerator/strategy setting fails before weights load
+    trainer, ckpt = _setup_trainer(config, run_dir, processor, train_loader, log_version)
+    model = _setup_model(config)
     module = FineTuneModule(model, processor, config)
     module.batches_per_epoch = len(train_loader._sampler.batches(0)) if hasattr(train_loader, "_sampler") else None
-    trainer, ckpt = _setup_trainer(config, run_dir, processor, train_loader, log_version)
 
     try:
         with _graceful_ctrl_c(ckpt):
