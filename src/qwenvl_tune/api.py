@@ -17,10 +17,9 @@ from .config import Config, build_config
 from .data.check import check_split
 from .data.collate import Encoder, GenerateCollator, RecordDataset
 from .data.images import load_image
-from .evaluation.metrics import parse_json
 from .evaluation.report import read_predictions, write_outputs
-from .inference.generate import generate_batch, generate_for_images, stop_token_ids
-from .inference.structured import constraint_for, load_schema
+from .inference.generate import extraction_result, generate_batch, generate_for_images, stop_token_ids
+from .inference.structured import run_constraint
 from .modeling.load import load_for_inference
 from .training.checkpoints import read_run_config
 from .training.run import train
@@ -32,10 +31,6 @@ def _release_cuda_cache() -> None:
     """After the caller dropped its model: hand cached GPU memory back before loading the next one."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _constraint(run_dir: Path, model: Any, processor: Any, constrained: bool):
-    return constraint_for(model, processor, load_schema(run_dir)) if constrained else None
 
 
 def _generate_split(model: Any, processor: Any, config: Config, records: list, constraint: Any = None
@@ -82,10 +77,10 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
     outputs: dict[str, tuple[list[str], list[bool]]] = {}
     model, processor, _ = load_for_inference(run_dir, which, config)
     outputs["finetuned"] = _generate_split(model, processor, config, records,
-                                           _constraint(run_dir, model, processor, constrained))
+                                           run_constraint(run_dir, model, processor, constrained))
     if compare_constrained:
         outputs["unconstrained"] = _generate_split(model, processor, config, records,
-                                                   _constraint(run_dir, model, processor, not constrained))
+                                                   run_constraint(run_dir, model, processor, not constrained))
     del model
     _release_cuda_cache()
     if compare_base:
@@ -129,12 +124,11 @@ def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | Non
         use = (config.generate.constrained if constrained is None else constrained) and not base_only
         texts, cut = generate_for_images(model, processor, [im for _, im in loaded], [prompt] * len(loaded),
                                          config.data.system_message, config.generate.batch_size,
-                                         config.generate.max_new_tokens, _constraint(run_dir, model, processor, use))
+                                         config.generate.max_new_tokens, run_constraint(run_dir, model, processor, use))
         del model
         _release_cuda_cache()
         for (i, _), text, c in zip(loaded, texts, cut):
-            ok, parsed = parse_json(text)
-            entry = {"output": text, "json": parsed if ok else None, "valid": ok, "truncated": c}
+            entry = extraction_result(text, c)
             if name == "finetuned":
                 rows[i].update(entry)
             else:

@@ -83,17 +83,16 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
     import torch
 
     from ..data.images import load_image
-    from ..evaluation.metrics import parse_json
     from ..modeling.load import load_for_inference
-    from .generate import generate_for_images
-    from .structured import constraint_for, load_schema
+    from .generate import extraction_result, generate_for_images
+    from .structured import run_constraint
 
     device = f"cuda:{rank}" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "cpu"
     if device == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     model, processor, config = load_for_inference(run_dir, which, device=device)
-    use = config.generate.constrained if constrained is None else constrained
-    constraint = constraint_for(model, processor, load_schema(run_dir)) if use else None
+    constraint = run_constraint(run_dir, model, processor,
+                                config.generate.constrained if constrained is None else constrained)
     default_prompt = config.data.prompt
     mine = items[rank::world]
     for k in range(0, len(mine), batch_size):
@@ -110,10 +109,7 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
             texts, cut = generate_for_images(model, processor, images, [it["prompt"] or default_prompt for it in ok_items],
                                              config.data.system_message, len(images),
                                              config.generate.max_new_tokens, constraint)
-            for it, text, c in zip(ok_items, texts, cut):
-                ok, value = parse_json(text)
-                rows.append({"input": it["input"], "json": value if ok else None, "valid": ok, "output": text,
-                             "truncated": c})
+            rows += [{"input": it["input"], **extraction_result(text, c)} for it, text, c in zip(ok_items, texts, cut)]
         _append(Path(output), rows)
         if counter is not None:
             with counter.get_lock():

@@ -13,6 +13,14 @@ from ..data.conversation import end_of_turn_text
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
+def extraction_result(text: str, truncated: bool) -> dict[str, Any]:
+    """What predict, bulk extraction and the service return for one answer."""
+    from ..evaluation.metrics import parse_json
+
+    ok, value = parse_json(text)
+    return {"json": value if ok else None, "valid": ok, "output": text, "truncated": truncated}
+
+
 def stop_token_ids(model: Any, processor: Any) -> list[int]:
     """End-of-turn id derived from the chat template, plus the checkpoint's own eos ids."""
     ids: list[int] = []

@@ -23,7 +23,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..data.images import load_image_bytes
 from ..data.records import DataError
-from ..evaluation.metrics import parse_json
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -43,13 +42,12 @@ class Extractor:
 
     def __init__(self, run_dir: str | Path, which: str = "best", max_batch: int = 8, wait_ms: float = 10.0,
                  device: str | None = None):
-        from ..inference.structured import constraint_for, load_schema
+        from ..inference.structured import run_constraint
         from ..modeling.load import load_for_inference
 
         self.run_dir = Path(run_dir)
         self.model, self.processor, self.config = load_for_inference(self.run_dir, which, device=device)
-        self.constraint = (constraint_for(self.model, self.processor, load_schema(self.run_dir))
-                           if self.config.generate.constrained else None)
+        self.constraint = run_constraint(self.run_dir, self.model, self.processor, self.config.generate.constrained)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.queue: asyncio.Queue[_Job] | None = None
         self.batches: list[int] = []  # sizes of the batches generated (for /health and tests)
@@ -69,7 +67,7 @@ class Extractor:
         return await fut
 
     async def _run(self) -> None:
-        from ..inference.generate import generate_for_images
+        from ..inference.generate import extraction_result, generate_for_images
 
         loop = asyncio.get_running_loop()
         while True:
@@ -93,9 +91,7 @@ class Extractor:
             self.batches.append(len(jobs))
             done = time.perf_counter()
             for j, text, c in zip(jobs, texts, cut):
-                ok, value = parse_json(text)
-                j.future.set_result({"json": value if ok else None, "valid": ok, "truncated": c, "output": text,
-                                     "batch_size": len(jobs),
+                j.future.set_result({**extraction_result(text, c), "batch_size": len(jobs),
                                      "timing_ms": {"queued": round((started - j.queued) * 1000, 1),
                                                    "generate": round((done - started) * 1000, 1),
                                                    "total": round((done - j.queued) * 1000, 1)}})

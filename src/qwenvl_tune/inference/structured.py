@@ -101,6 +101,11 @@ class JsonConstraint:
         return LogitsProcessor(self.compiled)
 
 
+def run_constraint(run_dir: str | Path, model: Any, processor: Any, enabled: bool) -> JsonConstraint | None:
+    """The run's learnt schema compiled for this model, or None when disabled or the run has none."""
+    return constraint_for(model, processor, load_schema(run_dir)) if enabled else None
+
+
 def constraint_for(model: Any, processor: Any, schema: dict[str, Any] | None) -> JsonConstraint | None:
     if schema is None:
         return None
