@@ -19,7 +19,8 @@ from qwenvl_tune.data.loader import EpochBatchSampler
 from qwenvl_tune.inference.bulk import bulk_predict, completed_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def test_rank_slices_rebuild_the_single_process_batches():

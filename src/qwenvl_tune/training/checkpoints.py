@@ -55,7 +55,7 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
 
 def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str, Any],
                     extra: Callable[[Path], None] | None = None, *, is_main: bool = True,
-                    tmp_name: str | None = None) -> Path:
+                    tmp_name: str | None = None, state_dict: dict[str, Any] | None = None) -> Path:
     """Save adapter-or-weights + processor (+ ``extra(tmp_dir)``, e.g. the trainer state) to ``dest``.
 
     Written under a temporary name in the same folder, flushed, marked complete last, then
@@ -63,6 +63,7 @@ def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str
 
     In a data-parallel run every rank calls this with the same ``tmp_name``: ``extra`` may be
     collective (Lightning's ``save_checkpoint`` is), everything else is done by the main rank.
+    ``state_dict`` overrides the model's own tensors (under FSDP: the weights gathered from all ranks).
 
     Raises:
         CheckpointError: the disk (or quota) is full, or the folder is not writable.
@@ -75,7 +76,7 @@ def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({'state_dict': state_dict} if state_dict else {}))
         processor.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
@@ -122,7 +123,7 @@ def latest_resumable(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with trainer state and the highest global step (checkpoints/* and last/)."""
     run_dir = Path(run_dir)
     candidates = [p for p in [*(run_dir / "checkpoints").glob("step=*"), run_dir / "last"]
-                  if p.is_dir() and is_complete(p) and (p / TRAINER_STATE).is_file()]
+                  if p.is_dir() and is_complete(p) and (p / TRAINER_STATE).exists()]  # a folder when sharded (FSDP)
     if not candidates:
         return None
 

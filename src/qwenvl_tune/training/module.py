@@ -72,6 +72,10 @@ class FineTuneModule(pl.LightningModule):
         if elapsed > 0:
             # all ranks together (every rank processes the same number of samples per step)
             self.log("samples_per_s", self._samples * self.trainer.world_size / elapsed, prog_bar=True, batch_size=n)
+        # wall time since training started, when this batch began: steady-state rates come from differences
+        self.log("train/elapsed_s", elapsed, batch_size=n)
+        if loss.device.type == "cuda":
+            self.log("gpu_peak_gib", torch.cuda.max_memory_allocated(loss.device) / 2**30, batch_size=n)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -82,9 +86,13 @@ class FineTuneModule(pl.LightningModule):
                                  f"before this step are intact.")
 
     # Lightning checkpoints (the trainer state used to resume) carry only what training changes:
-    # trainable weights, not the frozen multi-GB base model.
+    # trainable weights, not the frozen multi-GB base model. Only when asked directly (DDP, one
+    # device): under FSDP this module is a child of the FSDP root, which collects every shard into
+    # its own dict, and the sharded checkpoint then holds the frozen shards too.
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
+        if args or kwargs.get("destination") is not None or kwargs.get("prefix"):
+            return full
         keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         return {k: v for k, v in full.items() if k in keep}
 

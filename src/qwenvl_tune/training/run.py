@@ -35,6 +35,7 @@ from ..inference.structured import infer_schema, save_schema
 from .checkpoints import read_run_config
 from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_complete, latest_resumable, prune,
                           save_checkpoint)
+from .distributed import build_strategy, gathered_state_dict
 from .module import FineTuneModule
 
 
@@ -66,16 +67,18 @@ class RunCheckpoint(Callback):
         return {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics, **extra}
 
     def _save(self, trainer: pl.Trainer, module: FineTuneModule, name: str, with_state: bool = True, **extra: Any) -> Path:
-        """Only global rank 0 writes; with trainer state, every rank takes part (Lightning's save is collective)."""
+        """Only global rank 0 writes the weights; with trainer state, every rank takes part (Lightning's save is
+        collective, and under FSDP each rank writes its shard)."""
         def trainer_state(tmp: Path) -> None:
             trainer.save_checkpoint(tmp / TRAINER_STATE, weights_only=False)
 
         dest = self.run_dir / name
+        weights = gathered_state_dict(trainer)  # collective under FSDP (sharded weights); None otherwise
         if not with_state and not trainer.is_global_zero:
             return dest
         path = save_checkpoint(module.model, self.processor, dest, self._meta(trainer, **extra),
                                trainer_state if with_state else None, is_main=trainer.is_global_zero,
-                               tmp_name=f".{dest.name}.tmp-step{trainer.global_step}")
+                               tmp_name=f".{dest.name}.tmp-step{trainer.global_step}", state_dict=weights)
         if with_state and trainer.world_size > 1:
             trainer.strategy.barrier("checkpoint")
         return path
@@ -236,7 +239,7 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
 
 def _trainer(t: Any, callbacks: list, loggers: list, run_dir: Path) -> pl.Trainer:
     return pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
         precision=t.precision, max_epochs=t.max_epochs,
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, check_val_every_n_epoch=t.check_val_every_n_epoch,

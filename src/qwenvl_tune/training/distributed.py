@@ -1,0 +1,92 @@
+"""Lightning strategies as the recipe uses them: DDP as is, FSDP set up for Qwen-VL checkpoints.
+
+FSDP (``--train.strategy fsdp``):
+- one FSDP unit per module class the checkpoint marks as not to be split (``_no_split_modules``: the
+  decoder layers and vision blocks), so only one layer's full weights exist on a GPU at a time;
+- a leaf module whose weights have another dtype than the model's (PEFT keeps LoRA adapters in
+  float32 on a bf16 base) becomes its own unit, as FSDP flattens one dtype per unit;
+- the trainer state (weights, optimizer, scheduler) is saved sharded, each rank writing its part,
+  so no rank gathers the optimizer state of a 7B model; the Hugging Face weights in each checkpoint
+  folder are gathered on rank 0 (``gathered_state_dict``) so they load anywhere without FSDP.
+
+Precision: FSDP keeps the sharded weights in the dtype they were loaded in and computes in the
+precision's dtype. ``--model.dtype float32 --train.precision bf16-mixed`` is classic mixed precision
+(float32 master weights, bf16 compute); the default ``bfloat16`` weights halve the memory and update
+the weights in bf16.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+
+
+class NoSplitWrapPolicy:
+    """FSDP auto-wrap policy resolved from the model itself (callable with FSDP's policy signature)."""
+
+    def __init__(self) -> None:
+        self.classes: set[str] | None = None
+        self.dtype: torch.dtype | None = None
+
+    def _resolve(self, root: torch.nn.Module) -> None:
+        names: set[str] = set()
+        for m in root.modules():
+            names.update(getattr(m, "_no_split_modules", None) or [])
+        if not names:
+            raise ConfigError(f"train.strategy=fsdp: {type(root).__name__} names no layer classes to shard by "
+                              f"(_no_split_modules)")
+        self.classes = names
+        counts: Counter = Counter()
+        for p in root.parameters():
+            counts[p.dtype] += p.numel()
+        self.dtype = counts.most_common(1)[0][0] if counts else None
+
+    def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if self.classes is None:
+            self._resolve(module)  # FSDP asks about the root first
+        if recurse:
+            return True
+        if type(module).__name__ in self.classes:
+            return True
+        own = list(module.parameters(recurse=False))
+        return bool(own) and next(module.children(), None) is None and any(p.dtype != self.dtype for p in own)
+
+
+def build_strategy(t: Any) -> Any:
+    """The ``strategy`` argument for ``pl.Trainer`` from the train config."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    # use_orig_params (Lightning's default) lets frozen and trainable weights share a unit.
+    return FSDPStrategy(auto_wrap_policy=NoSplitWrapPolicy(), state_dict_type="sharded")
+
+
+def is_fsdp(trainer: Any) -> bool:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def gathered_state_dict(trainer: Any, prefix: str = "model.") -> dict[str, torch.Tensor] | None:
+    """Under FSDP: the full (unsharded) weights of the LightningModule's ``model``, on rank 0's CPU.
+
+    Collective: every rank must call it. Returns None on the other ranks, and None (nothing to
+    gather) for strategies that keep whole weights on every rank.
+    """
+    if not is_fsdp(trainer):
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = trainer.strategy.model
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        full = root.state_dict()
+    if not trainer.is_global_zero:
+        return None
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
