@@ -146,6 +146,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(run, ignore_errors=True)
+        save(results, args)  # after every run, so a run cut short by a time limit leaves the others
     r = results["runs"]
     ok = {k: v for k, v in r.items() if v.get("steady_samples_per_s")}
     base = next((k for k in ok if k.startswith("1_")), None)
@@ -162,8 +163,12 @@ def main() -> None:
                 diff = max(abs(ok[a]["loss"][k] - ok[b]["loss"][k]) for k in common)
                 results.setdefault("max_loss_diff", {})[f"{a}|{b}"] = diff
                 print(f"same global batch {a} vs {b}: max per-step loss difference {diff:.4g} over {len(common)} steps")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    save(results, args)
+
+
+def save(results: dict, args: argparse.Namespace) -> None:
     results["env"] = env_info()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.strategy}_speed_{args.size}_{args.method}.json").write_text(json.dumps(results, indent=2))
 
 
