@@ -85,6 +85,15 @@ class FineTuneModule(pl.LightningModule):
                                  f"samples: {getattr(self, '_last_ids', None)}. The run stopped; checkpoints written "
                                  f"before this step are intact.")
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from .distributed import is_fsdp
+
+        if gradient_clip_val and is_fsdp(self.trainer):
+            # Lightning's FSDP precision refuses to clip by norm; FSDP's own clip takes the norm over all shards.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # Lightning checkpoints (the trainer state used to resume) carry only what training changes:
     # trainable weights, not the frozen multi-GB base model. Only when asked directly (DDP, one
     # device): under FSDP this module is a child of the FSDP root, which collects every shard into
