@@ -108,3 +108,24 @@ def test_other_families_train_and_predict(family, tiny_family, sample_data, tmp_
     run = api.train(cfg)
     rows = api.predict(run, [sorted((sample_data / "valid").glob("*.jpg"))[0]])
     assert "output" in rows[0] and isinstance(rows[0]["output"], str)
+
+
+@pytest.mark.parametrize("ending", ["max_steps mid-epoch", "last epoch not a validation epoch"])
+def test_final_weights_are_validated_inside_fit(ending, tiny_dir, sample_data, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("validated after fit: under FSDP that meets sharded weights")
+
+    monkeypatch.setattr(pl.Trainer, "validate", no_second_pass)
+    # sample_data has 6 training rows: 3 steps per epoch at batch 2
+    extra = ({"train.max_steps": 2, "train.check_val_every_n_epoch": 5} if ending.startswith("max_steps")
+             else {"train.max_epochs": 3, "train.check_val_every_n_epoch": 2})
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **extra))
+    run = api.train(cfg)
+    import csv
+
+    rows = [r for f in run.glob("logs/**/metrics.csv") for r in csv.DictReader(open(f))]
+    val_steps = sorted({int(r["step"]) for r in rows if r.get("val/field_f1")})
+    train_steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert val_steps and val_steps[-1] >= train_steps[-1]

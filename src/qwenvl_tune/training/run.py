@@ -35,7 +35,7 @@ from ..inference.structured import infer_schema, save_schema
 from .checkpoints import read_run_config
 from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_complete, latest_resumable, prune,
                           save_checkpoint)
-from .distributed import build_strategy, gathered_state_dict
+from .distributed import build_strategy, gathered_state_dict, is_fsdp
 from .module import FineTuneModule
 
 
@@ -131,6 +131,20 @@ class RunCheckpoint(Callback):
             # The run ends here, possibly mid-epoch: save the resumable state now, at the step boundary
             # (Lightning's epoch-end bookkeeping afterwards would mark the epoch as finished).
             self.final_state = saved or self._save_resumable(trainer, module)
+            self._validate_before_leaving(trainer)
+        elif (self.train_loader is not None and trainer.current_epoch >= trainer.max_epochs - 1
+              and self.train_loader.completed >= len(self.train_loader)):
+            self._validate_before_leaving(trainer)
+
+    def _validate_before_leaving(self, trainer: pl.Trainer) -> None:
+        """The last batch of the run: have Lightning validate the final weights now, inside fit.
+
+        A separate ``trainer.validate`` after fit would do, except under FSDP, where Lightning does not
+        wrap the model again and generation would meet sharded weights. Lightning validates at a batch
+        when asked to stop there, in an epoch that validates."""
+        if trainer.enable_validation and self.validated_step != trainer.global_step:
+            trainer.check_val_every_n_epoch = 1
+            trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
         loader = self.train_loader
@@ -382,8 +396,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         raise TrainingInterrupted(run_dir, ckpt.stopped_by_user)
     if trainer.interrupted:
         return run_dir
-    if ckpt.validated_step != trainer.global_step:
-        # The last epoch was not a validation epoch: validate the final weights so best/ considers them.
+    if ckpt.validated_step != trainer.global_step and not is_fsdp(trainer):
+        # Normally validated inside fit (RunCheckpoint._validate_before_leaving); this catches the rest.
         trainer.validate(module, val_loader, verbose=False)
     if trainer.is_global_zero:
         print(f"done: {run_dir} (best/: {ckpt.monitor}={ckpt.best})")
