@@ -19,6 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from ..config import Config, config_from_dict
+from .distributed import save_weights
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.ckpt"
@@ -76,7 +77,7 @@ def save_checkpoint(model: Any, processor: Any, dest: str | Path, meta: dict[str
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **({'state_dict': state_dict} if state_dict else {}))
+        save_weights(model, tmp, state_dict)
         processor.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)

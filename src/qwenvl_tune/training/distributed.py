@@ -18,6 +18,7 @@ the weights in bf16.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,13 +81,60 @@ def gathered_state_dict(trainer: Any, prefix: str = "model.") -> dict[str, torch
     """
     if not is_fsdp(trainer):
         return None
+    return full_state_dict(trainer.strategy.model, trainer.is_global_zero, prefix)
+
+
+def full_state_dict(root: torch.nn.Module, is_main: bool, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """Gather an FSDP root's weights whole onto the main rank's CPU, keys without FSDP's wrapper names."""
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    root = trainer.strategy.model
     with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
                               FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
         full = root.state_dict()
-    if not trainer.is_global_zero:
+    if not is_main:
         return None
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    for w in WRAPPER_NAMES:
+        name = name.replace(w, "")
+    return name
+
+
+def save_weights(model: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.save_pretrained`` (HF weights or PEFT adapter), optionally with gathered ``state_dict`` tensors.
+
+    PEFT picks adapter weights by walking the model's module names, which under FSDP carry FSDP's wrapper
+    names while a gathered state dict does not, so it would save an empty adapter; here the adapter
+    entries are picked by the (cleaned) names of the trainable parameters instead, and renamed with
+    PEFT's own key mapping, giving the same file as an unsharded save.
+    """
+    if state_dict is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        return
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = model.active_adapter
+    trainable = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    rename = type(model.base_model)._remove_adapter_name_from_key
+    adapter = {rename(k, name): v.contiguous() for k, v in state_dict.items() if k in trainable}
+    if not adapter:
+        raise RuntimeError("no adapter weights found in the gathered state dict")
+    save_file(adapter, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = peft_config[name]
+    mode, cfg.inference_mode = cfg.inference_mode, True  # as PEFT writes it
+    try:
+        cfg.save_pretrained(folder)
+    finally:
+        cfg.inference_mode = mode
