@@ -160,7 +160,7 @@ def load_variant(v: dict, ckpt: str, cfg):
     prefer_flash_sdpa(v["fast"])  # the guide's variants keep PyTorch's default backends
 
     overrides = {"model.name_or_path": ckpt, "model.method": v["method"], "model.fast_path": v["fast"],
-                 "model.gradient_checkpointing": v.get("gc", False)}
+                 "model.gradient_checkpointing": v.get("gc", False), "model.kernels": v.get("kernels", "none")}
     config = build_config(None, overrides)
     if v.get("guide_misspelled"):
         # The guide as written: bnb_4bit_compute_type is not a BitsAndBytesConfig argument, so it is
@@ -293,6 +293,13 @@ VARIANTS = [
     {"name": "ours_qlora_b4", "method": "qlora", "fast": True, "batch": 4, "desc": "qwenvl-tune qlora, batch 4 length-grouped"},
     {"name": "ours_qlora_lowmem", "method": "qlora", "fast": True, "batch": 1, "gc": True,
      "desc": "qwenvl-tune qlora + gradient checkpointing, batch 1"},
+    # Liger's rotary patch is process-wide: these run last, after every variant they are compared with.
+    {"name": "ours_lora_b1_liger", "method": "lora", "fast": True, "batch": 1, "kernels": "liger",
+     "desc": "qwenvl-tune lora + liger kernels, batch 1"},
+    {"name": "ours_lora_b2_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped"},
+    {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
+     "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]
 
 
@@ -301,11 +308,13 @@ def env_info() -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.version.cuda}
-    for mod in ("peft", "bitsandbytes", "pytorch_lightning"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("peft", "bitsandbytes", "pytorch-lightning", "liger-kernel", "triton"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            info[mod] = f"unavailable: {type(e).__name__}"
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "not installed"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

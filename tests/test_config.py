@@ -85,3 +85,14 @@ def test_impossible_strategy_is_a_config_error_before_the_model_loads(sample_dat
     with pytest.raises(ConfigError, match="train.strategy='fsdp'.*requires a GPU"):
         api.train(cfg)
     assert loaded == []
+
+
+def test_learning_rate_default_depends_on_method_and_an_explicit_one_wins():
+    assert build_config(None, {}).train.lr == 2e-4
+    assert build_config(None, {"model.method": "qlora"}).train.lr == 2e-4
+    assert build_config(None, {"model.method": "full"}).train.lr == 1e-5
+    assert build_config(None, {"model.method": "full", "train.lr": "3e-5"}).train.lr == 3e-5
+    # the resolved value is what the run folder records
+    assert "lr: 1.0e-05" in build_config(None, {"model.method": "full"}).to_yaml()
+    # the LoRA presets leave it unset, so switching a preset to full fine-tuning lowers it too
+    assert build_config(ROOT / "configs" / "qwen2_5_vl_7b_lora.yaml", {"model.method": "full"}).train.lr == 1e-5

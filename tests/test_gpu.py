@@ -76,6 +76,44 @@ def test_fast_path_matches_plain_on_gpu(tiny_dir, tmp_path):
     assert abs(float(plain) - float(fast)) / float(plain) < 1e-2
 
 
+def test_liger_kernels_match_plain_loss_and_lora_grads(tiny_dir, monkeypatch):
+    pytest.importorskip("liger_kernel")
+    from PIL import Image
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
+
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.data.collate import Encoder, collate
+    from qwenvl_tune.modeling.fast import answer_only_loss
+    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+
+    for name in ("apply_multimodal_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2MLP"):
+        if hasattr(mod, name):  # Liger patches these module globals: restored after the test
+            monkeypatch.setattr(mod, name, getattr(mod, name))
+    proc = load_processor(tiny_dir, 64 * 28 * 28, 64 * 28 * 28)
+    enc = Encoder(proc)
+    batch = collate([enc.encode_train(Image.new("RGB", (300, 400), (i * 80, 30, 30)), "x", '{"a": "%d"}' % i)
+                     for i in range(2)], enc.pad_id, left=False)
+    inputs = {k: batch[k].cuda() for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    labels = batch["labels"].cuda()
+
+    def run(kernels: str):
+        cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "bfloat16",
+                                  "lora.dropout": 0.0, "lora.target_modules": "all-linear", "model.kernels": kernels})
+        torch.manual_seed(0)
+        model = prepare_for_training(load_base_model(cfg.model), cfg).cuda()
+        loss = answer_only_loss(model, inputs, labels)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+        return float(loss), grads
+
+    plain_loss, plain_grads = run("none")
+    liger_loss, liger_grads = run("liger")
+    assert abs(plain_loss - liger_loss) / plain_loss < 1e-2
+    assert plain_grads.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(plain_grads, liger_grads, dim=0) > 0.99
+
+
 def _gpu_train(data, model, out, name, devices, strategy, **extra):
     import subprocess
     import sys

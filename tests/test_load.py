@@ -27,3 +27,15 @@ def test_lora_targets_skip_vision_unless_trained(tiny_dir):
 def test_model_id_whitespace_is_stripped(tiny_dir):
     cfg = build_config(None, {"model.name_or_path": f"{tiny_dir} ", "model.dtype": "float32"})
     assert load_base_model(cfg.model) is not None
+
+
+def test_liger_kernels_refuse_cleanly_without_a_gpu(tiny_dir, monkeypatch):
+    from qwenvl_tune.config import ConfigError, build_config
+    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.kernels": "liger"})
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        prepare_for_training(load_base_model(cfg.model), cfg)
+    with pytest.raises(ConfigError, match="model.kernels"):
+        build_config(None, {"model.kernels": "triton"})

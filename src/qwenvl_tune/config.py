@@ -58,6 +58,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...).")
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    kernels: Literal["none", "liger"] = _f("none", "Fused Triton kernels (liger: RMSNorm, SwiGLU, rotary; CUDA only, pip install 'qwenvl-tune[kernels]').")
     fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, logits only on answer tokens.")
 
 
@@ -67,7 +68,7 @@ class TrainConfig:
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: no limit).")
     batch_size: int = _f(1, "Samples per micro-batch.")
     accumulate_grad_batches: int = _f(8, "Micro-batches per optimizer step.")
-    lr: float = _f(2e-4, "Peak learning rate (AdamW).")
+    lr: float | None = _f(None, "Peak learning rate (AdamW); unset: 2e-4 for lora/qlora, 1e-5 for full fine-tuning.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(50, "Linear warm-up steps, then linear decay to zero.")
     gradient_clip_val: float = _f(1.0, "Clip the gradient norm to this value (0: off).")
@@ -100,6 +101,9 @@ class MetricsConfig:
     casefold: bool = _f(False, "Compare string values case-insensitively.")
     whitespace: bool = _f(True, "Collapse whitespace runs in string values before comparing.")
     numeric: bool = _f(False, "Compare numeric strings as numbers ('8' equals '8.0').")
+
+
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
 
 
 @dataclass
@@ -142,6 +146,9 @@ class Config:
         for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.lr is None:
+            # an adapter's few new weights take a far larger step than a full model's pretrained ones
+            t.lr = DEFAULT_LR[self.model.method]
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if self.lora.r < 1:

@@ -96,6 +96,9 @@ def lora_targets(model: torch.nn.Module, suffixes: list[str], include_vision: bo
 def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Freeze, attach adapters, enable checkpointing. Returns the (possibly PEFT-wrapped) model."""
     mcfg = config.model
+    from .kernels import apply_kernels
+
+    apply_kernels(model, mcfg.kernels)
     if mcfg.fast_path:
         from .fast import enable_fast_vision_attention
 
