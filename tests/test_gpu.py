@@ -55,47 +55,45 @@ def test_qlora_trains_end_to_end_on_gpu(tiny_dir, sample_data, tmp_path):
     assert isinstance(rows[0]["output"], str)
 
 
-def test_fast_path_matches_plain_on_gpu(tiny_dir, tmp_path):
+def _two_sample_batch(tiny_dir):
+    """A right-padded training batch of two documents on the GPU: (model inputs, labels)."""
     from PIL import Image
 
     from qwenvl_tune.data.collate import Encoder, collate
-    from qwenvl_tune.modeling.fast import answer_only_loss, enable_fast_vision_attention
     from qwenvl_tune.modeling.load import load_processor
-    from transformers import AutoModelForImageTextToText
 
-    proc = load_processor(tiny_dir, 64 * 28 * 28, 64 * 28 * 28)
-    enc = Encoder(proc)
+    enc = Encoder(load_processor(tiny_dir, 64 * 28 * 28, 64 * 28 * 28))
     batch = collate([enc.encode_train(Image.new("RGB", (300, 400), (i * 80, 30, 30)), "x", '{"a": "%d"}' % i)
                      for i in range(2)], enc.pad_id, left=False)
     inputs = {k: batch[k].cuda() for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    return inputs, batch["labels"].cuda()
+
+
+def test_fast_path_matches_plain_on_gpu(tiny_dir, tmp_path):
+    from qwenvl_tune.modeling.fast import answer_only_loss, enable_fast_vision_attention
+    from transformers import AutoModelForImageTextToText
+
+    inputs, labels = _two_sample_batch(tiny_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
-    plain = model(**inputs, labels=batch["labels"].cuda()).loss
+    plain = model(**inputs, labels=labels).loss
     enable_fast_vision_attention(model)
-    fast = answer_only_loss(model, inputs, batch["labels"].cuda())
+    fast = answer_only_loss(model, inputs, labels)
     assert abs(float(plain) - float(fast)) / float(plain) < 1e-2
 
 
 def test_liger_kernels_match_plain_loss_and_lora_grads(tiny_dir, monkeypatch):
     pytest.importorskip("liger_kernel")
-    from PIL import Image
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
 
     from qwenvl_tune.config import build_config
-    from qwenvl_tune.data.collate import Encoder, collate
     from qwenvl_tune.modeling.fast import answer_only_loss
-    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
 
     for name in ("apply_multimodal_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2MLP"):
         if hasattr(mod, name):  # Liger patches these module globals: restored after the test
             monkeypatch.setattr(mod, name, getattr(mod, name))
-    proc = load_processor(tiny_dir, 64 * 28 * 28, 64 * 28 * 28)
-    enc = Encoder(proc)
-    batch = collate([enc.encode_train(Image.new("RGB", (300, 400), (i * 80, 30, 30)), "x", '{"a": "%d"}' % i)
-                     for i in range(2)], enc.pad_id, left=False)
-    inputs = {k: batch[k].cuda() for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
-    labels = batch["labels"].cuda()
+    inputs, labels = _two_sample_batch(tiny_dir)
 
     def run(kernels: str):
         cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "bfloat16",
