@@ -222,3 +222,26 @@ def test_sigkill_during_checkpoint_write_never_publishes(tiny_dir, tmp_path):
     leftovers = [p.name for p in (run / "checkpoints").iterdir()]
     assert any(".tmp-" in n for n in leftovers) and "step=0000009-epoch=003" not in leftovers
     assert latest_resumable(run) == good
+
+
+def test_non_finite_gradient_is_caught_once_per_step_with_the_step_samples(tiny_dir):
+    from types import SimpleNamespace
+
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
+    module = FineTuneModule(prepare_for_training(load_base_model(cfg.model), cfg), load_processor(tiny_dir, 784, 784),
+                            cfg)
+    module._trainer = SimpleNamespace(global_step=7, current_epoch=1)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    module._pending = [(torch.tensor(2.0), 0, ["train:1"]), (torch.tensor(1.5), 1, ["train:2"])]
+    module.on_before_optimizer_step(None)  # all finite: nothing raised, the step's record cleared
+    assert module._pending == []
+    params[3].grad[0] = float("inf")
+    module._pending = [(torch.tensor(2.0), 2, ["train:3"])]
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient before optimizer step 7; samples of this step: "
+                                             r"\['train:3'\]"):
+        module.on_before_optimizer_step(None)

@@ -44,6 +44,7 @@ class FineTuneModule(pl.LightningModule):
         self.processor = processor
         self.config = config
         self._val_scores: list = []
+        self._pending: list = []  # (loss, batch_idx, sample ids) of the micro-batches since the last optimizer step
         self.batches_per_epoch: int | None = None  # single-process batches per epoch, set by the recipe
         self._stop_ids: list[int] | None = None
         self._t0: float | None = None
@@ -58,11 +59,9 @@ class FineTuneModule(pl.LightningModule):
             loss = answer_only_loss(self.model, inputs, batch["labels"])
         else:
             loss = self.model(**inputs, labels=batch["labels"]).loss
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"non-finite loss ({float(loss)}) at global step {self.trainer.global_step}, "
-                                 f"epoch {self.current_epoch}, batch {batch_idx}; samples: {batch.get('ids')}. "
-                                 f"The run stopped; checkpoints written before this step are intact.")
-        self._last_ids = batch.get("ids")
+        # Checked once per optimizer step (on_before_optimizer_step), not here: reading the loss on the
+        # host would stall the GPU after every forward pass.
+        self._pending.append((loss.detach(), batch_idx, batch.get("ids")))
         n = batch["input_ids"].shape[0]
         self._samples += n
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
@@ -79,11 +78,26 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights: one host sync per optimizer step.
+
+        Under data parallelism a non-finite gradient on one rank reaches every rank through the gradient
+        reduction, so all ranks stop at the same step."""
+        pending, self._pending = self._pending, []
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
-            raise NonFiniteError(f"non-finite gradient before optimizer step {self.trainer.global_step}; last "
-                                 f"samples: {getattr(self, '_last_ids', None)}. The run stopped; checkpoints written "
-                                 f"before this step are intact.")
+        values = [loss.float().reshape(1) for loss, _, _ in pending]
+        if grads:
+            values.append(torch.nn.utils.get_total_norm(grads, foreach=True).float().reshape(1))
+        if not values or bool(torch.isfinite(torch.cat(values)).all()):
+            return
+        step, epoch = self.trainer.global_step, self.current_epoch
+        for loss, batch_idx, ids in pending:
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"non-finite loss ({float(loss)}) at global step {step}, epoch {epoch}, batch "
+                                     f"{batch_idx}; samples: {ids}. The run stopped; checkpoints written before this "
+                                     f"step are intact.")
+        raise NonFiniteError(f"non-finite gradient before optimizer step {step}; samples of this step: "
+                             f"{[i for _, _, ids in pending for i in (ids or [])]}. The run stopped; checkpoints "
+                             f"written before this step are intact.")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         from .distributed import is_fsdp
