@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,11 @@ def run_demo(out: str | Path = "demo_output") -> dict:
         build_tiny_checkpoint(model_dir, "qwen2_5_vl", hidden=128, layers=2)
     config = build_config(demo_config_path(), {"data.path": str(data), "model.name_or_path": str(model_dir),
                                                 "run.output_dir": str(out / "runs")})
+    previous = Path(config.run.output_dir) / config.run.name
+    if previous.exists():
+        # the demo's own folder: a second `make demo` starts over instead of refusing
+        print(f"replacing the previous demo run in {previous}")
+        shutil.rmtree(previous)
     run = train(config)
     results = evaluate(run, "valid", compare_base=True, compare_constrained=True)
     sample = sorted((data / "valid").glob("*.jpg"))[0]
