@@ -65,19 +65,26 @@ def _worker(rank: int, world: int, port: int, ckpt: str, method: str, out: str) 
         dist.destroy_process_group()
 
 
+LAYER_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
+                 "qwen2_vl": ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
+                 "qwen3_vl": ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")}
+
+
 @pytest.mark.skipif(not FSDP_OK, reason="needs torch.distributed with gloo")
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_fsdp_gathered_save_equals_unsharded_save(method, tiny_dir, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, _port(), str(tiny_dir), method, str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "lora"), ("qwen2_5_vl", "full"), ("qwen2_vl", "lora"),
+                                           ("qwen3_vl", "lora")])
+def test_fsdp_gathered_save_equals_unsharded_save(family, method, tiny_family, tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(2, _port(), str(tiny_family(family)), method, str(tmp_path)), nprocs=2)
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     plain, gathered = load_file(tmp_path / "plain" / name), load_file(tmp_path / "gathered" / name)
     assert plain and plain.keys() == gathered.keys()
     for k in plain:
         assert torch.equal(plain[k], gathered[k]), k
     units = (tmp_path / "units.txt").read_text().splitlines()
-    # one unit per decoder layer and vision block (the tiny model: 2 + 2)
-    assert sum(u.startswith("Qwen2_5_VLDecoderLayer") for u in units) == 2
-    assert sum(u.startswith("Qwen2_5_VLVisionBlock") for u in units) == 2
+    # one unit per decoder layer and vision block (the tiny models: 2 + 2)
+    layer, block = LAYER_CLASSES[family]
+    assert sum(u.startswith(layer + " ") for u in units) == 2
+    assert sum(u.startswith(block + " ") for u in units) == 2
     if method == "lora":
         # float32 adapters on the bf16 base: units of their own (FSDP flattens one dtype per unit)
         assert any(u == "Linear torch.float32" for u in units)
