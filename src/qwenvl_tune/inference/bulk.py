@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -95,16 +96,24 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
                                 config.generate.constrained if constrained is None else constrained)
     default_prompt = config.data.prompt
     mine = items[rank::world]
-    for k in range(0, len(mine), batch_size):
-        chunk = mine[k:k + batch_size]
-        rows: list[dict[str, Any]] = []
-        ok_items, images = [], []
+
+    def read(chunk: list[dict]) -> tuple[list[dict], list, list[dict[str, Any]]]:
+        ok_items, images, errors = [], [], []
         for it in chunk:
             try:
                 images.append(load_image(it["input"], max_pixels=config.data.max_image_pixels))
                 ok_items.append(it)
             except Exception as e:  # noqa: BLE001 - recorded per input; the others go on
-                rows.append({"input": it["input"], "error": str(e)})
+                errors.append({"input": it["input"], "error": str(e)})
+        return ok_items, images, errors
+
+    chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    # the next batch's images are decoded on a thread while the GPU generates the current one
+    pool = ThreadPoolExecutor(max_workers=1)
+    ahead = pool.submit(read, chunks[0]) if chunks else None
+    for i, chunk in enumerate(chunks):
+        ok_items, images, rows = ahead.result()
+        ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
         if images:
             texts, cut = generate_for_images(model, processor, images, [it["prompt"] or default_prompt for it in ok_items],
                                              config.data.system_message, len(images),
@@ -114,6 +123,7 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
         if counter is not None:
             with counter.get_lock():
                 counter.value += len(chunk)
+    pool.shutdown()
 
 
 def bulk_predict(run_dir: str | Path, source: str | Path, output: str | Path, *, devices: int = 1,
