@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _env import env_info
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,14 +101,7 @@ def main() -> None:
         "all_inputs_once": len(rows) == len(set(names)) == args.n and set(names) == expected,
         "restart_stdout": second.stdout.strip().splitlines()[-1],
     }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            result["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        result["torch"] = torch.__version__
-    except ImportError:
-        pass
+    result["env"] = env_info()
     print(json.dumps(result, indent=2))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"bulk_restart_{args.n}.json").write_text(json.dumps(result, indent=2))

@@ -18,10 +18,13 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _env import env_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {
@@ -143,8 +146,6 @@ def main() -> None:
               f"peak {peak} GiB, wall {wall:.0f}s, losses {[round(loss[k], 4) for k in sorted(loss)]}", flush=True)
         results["runs"][name]["saved"] = sorted(str(p.relative_to(run)) for p in run.glob("*/*.safetensors*"))
         if args.cleanup:
-            import shutil
-
             shutil.rmtree(run, ignore_errors=True)
         save(results, args)  # after every run, so a run cut short by a time limit leaves the others
     r = results["runs"]
@@ -170,18 +171,6 @@ def save(results: dict, args: argparse.Namespace) -> None:
     results["env"] = env_info()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.strategy}_speed_{args.size}_{args.method}.json").write_text(json.dumps(results, indent=2))
-
-
-def env_info() -> dict:
-    import platform
-
-    import torch
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
+
+from _env import env_info  # noqa: E402
 
 IMAGE, VSTART, VEND, EOS, PAD = 151655, 151652, 151653, 151645, 151643
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -301,23 +302,6 @@ VARIANTS = [
     {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]
-
-
-def env_info() -> dict:
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("peft", "bitsandbytes", "pytorch-lightning", "liger-kernel", "triton"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "not installed"
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main() -> int:
