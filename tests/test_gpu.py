@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_overrides
+from test_distributed import ENV, _equal_length_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -112,20 +118,18 @@ def test_liger_kernels_match_plain_loss_and_lora_grads(tiny_dir, monkeypatch):
     assert torch.nn.functional.cosine_similarity(plain_grads, liger_grads, dim=0) > 0.99
 
 
+def _cli_train(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "qwenvl_tune.cli", "train", *args], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def _gpu_train(data, model, out, name, devices, strategy, **extra):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_distributed import ENV
-
     over = tiny_overrides(data, model, out, **{
         "run.name": name, "train.accelerator": "gpu", "train.devices": devices, "train.strategy": strategy,
         "train.batch_size": 2, "train.max_steps": 3, "train.lr": 2e-2, "lora.dropout": 0.0,
         "generate.max_new_tokens": 12, **extra})
-    cmd = [sys.executable, "-m", "qwenvl_tune.cli", "train", *[f"--{k}={v}" for k, v in over.items()]]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _cli_train(*[f"--{k}={v}" for k, v in over.items()])
     return Path(out) / name
 
 
@@ -135,8 +139,6 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @two_gpus
 def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
     from safetensors.torch import load_file
-
-    from test_distributed import _equal_length_data
 
     data, runs = _equal_length_data(tmp_path), tmp_path / "runs"
     ddp = _gpu_train(data, tiny_dir, runs, "ddp", 2, "ddp", **{"model.method": "full"})
@@ -150,12 +152,6 @@ def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
         assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
     # sharded trainer state: a folder of shards. Cut the run back to its step-2 checkpoint (same LR schedule)
     # and resume: it reaches the same step-3 weights.
-    import shutil
-    import subprocess
-    import sys
-
-    from test_distributed import ENV
-
     cut = runs / "cut"
     shutil.copytree(fsdp, cut)
     shutil.rmtree(cut / "last")
@@ -164,9 +160,7 @@ def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
             shutil.rmtree(p)
     state = cut / "checkpoints" / "step=0000002-epoch=000" / "trainer_state.ckpt"
     assert state.is_dir()
-    done = subprocess.run([sys.executable, "-m", "qwenvl_tune.cli", "train", "--resume", str(cut)], env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _cli_train("--resume", str(cut))
     c = load_file(cut / "last" / "model.safetensors")
     for k in b:
         assert torch.allclose(b[k], c[k], atol=1e-5, rtol=1e-4), k
@@ -176,8 +170,6 @@ def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
 def test_fsdp_lora_on_bf16_base_matches_ddp(tiny_dir, tmp_path):
     # PEFT keeps the adapters in float32 on the bf16 base: they become FSDP units of their own
     from safetensors.torch import load_file
-
-    from test_distributed import _equal_length_data
 
     data, runs = _equal_length_data(tmp_path), tmp_path / "runs"
     bf16 = {"model.dtype": "bfloat16", "train.precision": "bf16-mixed", "lora.target_modules": "all-linear"}
