@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -42,6 +43,11 @@ def _equal_length_data(tmp_path: Path) -> Path:
     return tmp_path / "D"
 
 
+def _losses(run: Path) -> dict[int, float]:
+    rows = [r for f in run.glob("logs/**/metrics.csv") for r in csv.DictReader(open(f))]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
 def _train(data, model, out, name, devices, batch):
     over = tiny_overrides(data, model, out, **{
         "run.name": name, "train.devices": devices, "train.strategy": "ddp" if devices > 1 else "auto",
@@ -64,6 +70,10 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
     assert any(v.abs().sum() > 0 for v in base.values())  # it trained
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    # the logged loss is the global batch's (rank 0's alone would be the loss of half of it)
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == [0, 1, 2]
+    assert [l1[k] for k in l1] == pytest.approx([l2[k] for k in l1], abs=1e-5)
     # validation was split across the ranks and gathered: every sample scored once, same metrics
     m1 = json.loads((one / "best" / "COMPLETE").read_text())["metrics"]
     m2 = json.loads((two / "best" / "COMPLETE").read_text())["metrics"]

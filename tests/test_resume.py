@@ -233,13 +233,13 @@ def test_non_finite_gradient_is_caught_once_per_step_with_the_step_samples(tiny_
     cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
     module = FineTuneModule(prepare_for_training(load_base_model(cfg.model), cfg), load_processor(tiny_dir, 784, 784),
                             cfg)
-    module._trainer = SimpleNamespace(global_step=7, current_epoch=1)
+    module._trainer = SimpleNamespace(global_step=7, current_epoch=1, world_size=1)
     params = [p for p in module.model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.ones_like(p)
     module._pending = [(torch.tensor(2.0), 0, ["train:1"]), (torch.tensor(1.5), 1, ["train:2"])]
     module.on_before_optimizer_step(None)  # all finite: nothing raised, the step's record cleared
-    assert module._pending == []
+    assert module._pending == [] and module._step_loss == pytest.approx(1.75)  # the step's mean loss, to be logged
     params[3].grad[0] = float("inf")
     module._pending = [(torch.tensor(2.0), 2, ["train:3"])]
     with pytest.raises(NonFiniteError, match=r"non-finite gradient before optimizer step 7; samples of this step: "

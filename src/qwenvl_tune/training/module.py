@@ -49,6 +49,7 @@ class FineTuneModule(pl.LightningModule):
         self._stop_ids: list[int] | None = None
         self._t0: float | None = None
         self._samples = 0
+        self._step_loss: float | None = None  # the last optimizer step's loss, averaged over ranks
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -59,35 +60,36 @@ class FineTuneModule(pl.LightningModule):
             loss = answer_only_loss(self.model, inputs, batch["labels"])
         else:
             loss = self.model(**inputs, labels=batch["labels"]).loss
-        # Checked once per optimizer step (on_before_optimizer_step), not here: reading the loss on the
-        # host would stall the GPU after every forward pass.
+        # Checked and logged once per optimizer step (on_before_optimizer_step), not here: reading the
+        # loss on the host, logging a Python number (Lightning copies it to the GPU, which waits for the
+        # stream) or `sync_dist` (a barrier) would stall the GPU in the middle of every step.
         self._pending.append((loss.detach(), batch_idx, batch.get("ids")))
-        n = batch["input_ids"].shape[0]
-        self._samples += n
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        # averaged over ranks (a scalar all-reduce) so data-parallel runs log the global batch's loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=self.trainer.world_size > 1)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=n)
-        if elapsed > 0:
-            # all ranks together (every rank processes the same number of samples per step)
-            self.log("samples_per_s", self._samples * self.trainer.world_size / elapsed, prog_bar=True, batch_size=n)
-        # wall time since training started, when this batch began: steady-state rates come from differences
-        self.log("train/elapsed_s", elapsed, batch_size=n)
-        if loss.device.type == "cuda":
-            self.log("gpu_peak_gib", torch.cuda.max_memory_allocated(loss.device) / 2**30, batch_size=n)
+        self._samples += batch["input_ids"].shape[0]
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights: one host sync per optimizer step.
+        """Stop before a non-finite loss or gradient reaches the weights, and log the step.
 
-        Under data parallelism a non-finite gradient on one rank reaches every rank through the gradient
-        reduction, so all ranks stop at the same step."""
+        One host sync per optimizer step. Under data parallelism the step's mean loss and the
+        non-finite flags are summed over ranks in the same all-reduce, so every rank logs the global
+        batch's loss and every rank stops at the same step (under FSDP each rank holds only its shard
+        of the gradients, so a NaN may be visible on one rank only)."""
         pending, self._pending = self._pending, []
+        if not pending:
+            return
+        losses = torch.stack([loss.float().reshape(()) for loss, _, _ in pending])
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        values = [loss.float().reshape(1) for loss, _, _ in pending]
-        if grads:
-            values.append(torch.nn.utils.get_total_norm(grads, foreach=True).float().reshape(1))
-        if not values or bool(torch.isfinite(torch.cat(values)).all()):
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else losses.new_zeros(())
+        bad_loss = (~torch.isfinite(losses)).any().float()
+        # mean loss, 1 if this rank saw a non-finite loss, 1 if its (local) gradient norm is non-finite
+        stats = torch.stack([torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0).mean(), bad_loss,
+                             (~torch.isfinite(norm)).float()])
+        world = self.trainer.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)  # no barrier: the host waits once, below
+        mean_loss, bad_loss_ranks, bad_grad_ranks = stats.tolist()
+        self._step_loss = mean_loss / world  # logged once the step is done (on_train_batch_end)
+        if not (bad_loss_ranks or bad_grad_ranks):
             return
         step, epoch = self.trainer.global_step, self.current_epoch
         for loss, batch_idx, ids in pending:
@@ -95,9 +97,35 @@ class FineTuneModule(pl.LightningModule):
                 raise NonFiniteError(f"non-finite loss ({float(loss)}) at global step {step}, epoch {epoch}, batch "
                                      f"{batch_idx}; samples: {ids}. The run stopped; checkpoints written before this "
                                      f"step are intact.")
-        raise NonFiniteError(f"non-finite gradient before optimizer step {step}; samples of this step: "
+        where = "" if world == 1 else (" on this or another rank" if bad_grad_ranks else
+                                       " (from a non-finite loss on another rank)")
+        mine = " on this rank" if world > 1 else ""
+        raise NonFiniteError(f"non-finite gradient before optimizer step {step}{where}; samples of this step{mine}: "
                              f"{[i for _, _, ids in pending for i in (ids or [])]}. The run stopped; checkpoints "
                              f"written before this step are intact.")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_loss is None:  # a micro-batch that did not end an optimizer step
+            return
+        loss, self._step_loss = self._step_loss, None
+        self._log_step(loss)
+
+    def _log_step(self, loss: float) -> None:
+        """Per-step metrics as CPU tensors: logging a Python number makes Lightning copy it to the GPU,
+        a blocking copy that waits for all queued work."""
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        cpu = lambda x: torch.tensor(float(x), dtype=torch.float32)  # noqa: E731
+        # the mean over this optimizer step's micro-batches and over ranks: the global batch's loss
+        self.log("train/loss", cpu(loss), prog_bar=True)
+        self.log("lr", cpu(self.trainer.optimizers[0].param_groups[0]["lr"]), prog_bar=True)
+        if elapsed > 0:
+            # all ranks together (every rank processes the same number of samples per step)
+            self.log("samples_per_s", cpu(self._samples * self.trainer.world_size / elapsed), prog_bar=True)
+        # wall time since training started, when this step's optimizer update was queued (the host waited
+        # for the backward pass just before): steady-state rates come from differences between steps
+        self.log("train/elapsed_s", cpu(elapsed))
+        if self.device.type == "cuda":
+            self.log("gpu_peak_gib", cpu(torch.cuda.max_memory_allocated(self.device) / 2**30))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         from .distributed import is_fsdp
