@@ -1,4 +1,8 @@
-"""Lightning strategies as the recipe uses them: DDP as is, FSDP set up for Qwen-VL checkpoints.
+"""Lightning strategies as the recipe uses them: DDP and FSDP set up for Qwen-VL checkpoints.
+
+DDP (``--train.strategy ddp``): buffers are not broadcast before every forward pass (Qwen-VL's only
+buffers are rotary frequencies, computed identically on every rank), and gradients live in DDP's
+communication buckets instead of being copied there after each backward pass.
 
 FSDP (``--train.strategy fsdp``):
 - one FSDP unit per module class the checkpoint marks as not to be split (``_no_split_modules``: the
@@ -59,6 +63,10 @@ class NoSplitWrapPolicy:
 
 def build_strategy(t: Any) -> Any:
     """The ``strategy`` argument for ``pl.Trainer`` from the train config."""
+    if t.strategy == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.strategy != "fsdp":
         return t.strategy
     from pytorch_lightning.strategies import FSDPStrategy
