@@ -34,6 +34,26 @@ def test_rank_slices_rebuild_the_single_process_batches():
     assert rebuilt == [b for b in single if len(b) == 4]
 
 
+@pytest.mark.parametrize("n,world,bs", [(2, 4, 1), (3, 2, 4), (7, 3, 2), (8, 4, 2), (1, 2, 1)])
+def test_validation_shards_keep_ranks_in_step_and_score_each_sample_once(n, world, bs, monkeypatch):
+    from qwenvl_tune.data.loader import RankPadded, RankShardBatchSampler
+
+    per_rank = []
+    for r in range(world):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda r=r: r)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+        sampler = RankShardBatchSampler(n, bs)
+        per_rank.append(list(sampler))
+        assert len(sampler) == len(per_rank[-1])
+    # every rank runs the same number of batches (2 documents on 4 GPUs: ranks 2 and 3 too)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) >= 1
+    data = RankPadded([{"ids": f"s{i}"} for i in range(n)])
+    items = [data[i] for batches in per_rank for b in batches for i in b]
+    scored = sorted(it["ids"] for it in items if not it["padding"])
+    assert scored == sorted(f"s{i}" for i in range(n))  # each sample scored exactly once
+
+
 def _equal_length_data(tmp_path: Path) -> Path:
     # same image size and answers of equal token length: per-rank token means average to the global mean
     rows = [{"image": f"{i}.png", "prefix": "read the code", "suffix": {"code": f"{1000 + 1111 * i}"}} for i in range(8)]

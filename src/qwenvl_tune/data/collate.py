@@ -95,7 +95,7 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool) -> dict[st
         batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left)
     if "mm_token_type_ids" in items[0]:
         batch["mm_token_type_ids"] = _pad([it["mm_token_type_ids"] for it in items], 0, left)
-    for key in ("ids", "targets"):
+    for key in ("ids", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
     return batch

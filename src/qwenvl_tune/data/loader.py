@@ -114,9 +114,13 @@ class ResumableLoader(DataLoader):
 
 
 class RankShardBatchSampler(Sampler[list[int]]):
-    """Validation/prediction batches for this rank: samples rank, rank+world, ... (no padding, no duplicates).
+    """Validation batches for this rank: samples rank, rank+world, ..., and every rank gets the same
+    number of batches.
 
-    Ranks may get one batch more or less; results are gathered by sample, so nothing is counted twice.
+    Ranks must stay in step through validation: each one takes part in the end-of-epoch gather of
+    scores, and under FSDP in every forward pass of generation. A rank whose share is one sample
+    short gets a repeat instead (index ``n + i`` stands for sample ``i``, see ``RankPadded``); it is
+    generated but not scored, so every sample is scored exactly once.
     """
 
     def __init__(self, n: int, batch_size: int):
@@ -127,7 +131,11 @@ class RankShardBatchSampler(Sampler[list[int]]):
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         else:
             rank, world = 0, 1
-        return list(range(rank, self.n, world))
+        own = list(range(rank, self.n, world))
+        per_rank = -(-self.n // world)  # the largest share
+        # repeats for the missing slots: samples this rank already holds, else sample 0
+        repeats = [self.n + (own[k % len(own)] if own else 0) for k in range(per_rank - len(own))]
+        return own + repeats
 
     def __iter__(self) -> Iterator[list[int]]:
         idx = self._indices()
@@ -136,3 +144,18 @@ class RankShardBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (len(self._indices()) + self.batch_size - 1) // self.batch_size
+
+
+class RankPadded(Dataset):
+    """``dataset`` with the repeat indices of ``RankShardBatchSampler``: item ``n + i`` is item ``i``
+    marked ``padding=True`` (generated to keep the ranks in step, never scored)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return {**self.dataset[i % n], "padding": i >= n}

@@ -176,7 +176,10 @@ class FineTuneModule(pl.LightningModule):
             self._stop_ids = stop_token_ids(self.model, self.processor)
         texts, truncated = generate_batch(self.model, self.processor, batch, self.config.generate.max_new_tokens,
                                           self._stop_ids)
-        for text, gold, cut in zip(texts, batch["targets"], truncated):
+        padding = batch.get("padding") or [False] * len(texts)
+        for text, gold, cut, pad in zip(texts, batch["targets"], truncated, padding):
+            if pad:  # a repeat that only keeps this rank in step with the others
+                continue
             self._val_scores.append(score_sample(text, gold, truncated=cut, **self.config.metric_options()))
 
     def on_validation_epoch_end(self) -> None:

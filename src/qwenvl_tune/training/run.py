@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError
 from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
-from ..data.loader import EpochBatchSampler, RankShardBatchSampler, ResumableLoader
+from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.records import DataError
 from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
 from ..modeling.fast import prefer_flash_sdpa
@@ -225,7 +225,7 @@ def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Sp
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
                                    TrainCollator(enc.pad_id), num_workers=d.num_workers)
-    val_loader = DataLoader(RecordDataset(valid.records, enc, "generate", d.max_image_pixels),
+    val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", d.max_image_pixels)),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)
     return train_loader, val_loader
