@@ -177,6 +177,16 @@ def load_variant(v: dict, ckpt: str, cfg):
     model = prepare_for_training(model, config)
     if not v["method"] == "qlora":
         model.to(DEV)
+    if v.get("compile"):
+        layers = set(getattr(model, "_no_split_modules", None) or [])
+        for m in model.modules():
+            layers.update(getattr(m, "_no_split_modules", None) or [])
+        n = 0
+        for m in model.modules():
+            if type(m).__name__ in layers:
+                m.compile(dynamic=True)
+                n += 1
+        print(f"{v['name']}: compiled {n} layers ({sorted(layers)})", flush=True)
     model.train()
     return model, config
 
@@ -294,6 +304,10 @@ VARIANTS = [
     {"name": "ours_qlora_b4", "method": "qlora", "fast": True, "batch": 4, "desc": "qwenvl-tune qlora, batch 4 length-grouped"},
     {"name": "ours_qlora_lowmem", "method": "qlora", "fast": True, "batch": 1, "gc": True,
      "desc": "qwenvl-tune qlora + gradient checkpointing, batch 1"},
+    # Regional compilation: each decoder layer and vision block through torch.compile (dynamic shapes;
+    # identical layers share the compiled code). Experimental: not a product option until measured.
+    {"name": "ours_lora_b1_compile", "method": "lora", "fast": True, "batch": 1, "compile": True,
+     "desc": "qwenvl-tune lora + torch.compile per layer, batch 1"},
     # Liger's rotary patch is process-wide: these run last, after every variant they are compared with.
     {"name": "ours_lora_b1_liger", "method": "lora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 1"},
