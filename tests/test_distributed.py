@@ -68,15 +68,19 @@ def _losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-def _train(data, model, out, name, devices, batch):
+def _train(data, model, out, name, devices, batch, **extra):
     over = tiny_overrides(data, model, out, **{
         "run.name": name, "train.devices": devices, "train.strategy": "ddp" if devices > 1 else "auto",
         "train.batch_size": batch, "train.max_steps": 3, "train.lr": 2e-2, "lora.dropout": 0.0,
-        "lora.target_modules": "all-linear", "generate.max_new_tokens": 12})
-    cmd = [sys.executable, "-m", "qwenvl_tune.cli", "train", *[f"--{k}={v}" for k, v in over.items()]]
+        "lora.target_modules": "all-linear", "generate.max_new_tokens": 12, **extra})
+    _cli(*[f"--{k}={v}" for k, v in over.items()])
+    return out / name
+
+
+def _cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "qwenvl_tune.cli", "train", *args]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out / name
 
 
 def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
@@ -100,6 +104,25 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
     assert m1 and m1 == pytest.approx(m2, abs=1e-6)
     # only rank 0 wrote the run folder: no stray temporaries, one set of files
     assert not list(two.rglob(".*tmp*"))
+
+
+def test_ddp_resume_from_an_epoch_end_checkpoint_reaches_the_uninterrupted_weights(tiny_dir, tmp_path):
+    import shutil
+
+    data = _equal_length_data(tmp_path)
+    # 8 documents, 2 ranks x 2: two steps an epoch; the step-2 checkpoint is the end of epoch 0
+    run = _train(data, tiny_dir, tmp_path / "runs", "full", devices=2, batch=2, **{"model.method": "full"})
+    cut = tmp_path / "runs" / "cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "last")
+    for p in (cut / "checkpoints").glob("step=*"):
+        if not p.name.startswith("step=0000002"):
+            shutil.rmtree(p)
+    _cli("--resume", str(cut))
+    a, b = load_file(run / "last" / "model.safetensors"), load_file(cut / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
 
 
 @pytest.fixture(scope="module")

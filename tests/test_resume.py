@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from conftest import tiny_overrides
@@ -81,6 +82,31 @@ def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert is_complete(run / "best") and (run / "logs" / "resume-1" / "metrics.csv").exists()
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_trains_the_same_steps(sample_data, tiny_dir, tmp_path):
+    # The commonest checkpoint, in a run bounded by max_steps. After restoring one, Lightning's count of
+    # epochs runs one ahead of the epoch being trained; the loader used to take it, and the resumed run
+    # trained epoch 2's batches as epoch 1's.
+    import shutil
+
+    kw = {"train.check_val_every_n_epoch": 1, "generate.max_new_tokens": 4, "train.max_steps": 5}
+    full = api.train(_cfg(sample_data, tiny_dir, tmp_path, "full", **{"train.keep_checkpoints": 5, **kw}))
+    reference = _losses(full)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "logs")
+    shutil.rmtree(cut / "last")
+    for p in (cut / "checkpoints").glob("step=*"):
+        if not p.name.startswith("step=0000003-"):  # the end of epoch 0 (3 steps an epoch)
+            shutil.rmtree(p)
+    api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut", **kw), resume=str(cut))
+    resumed = _losses(cut)
+    # the first resumed step is the uninterrupted run's step 3 (same batch, same weights)
+    assert resumed[min(resumed)] == pytest.approx(reference[3], rel=1e-6, abs=1e-7)
+    a = load_file(full / "last" / "adapter_model.safetensors")
+    b = load_file(cut / "last" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path):

@@ -5,8 +5,12 @@ length-grouped so that batches hold samples of similar length (less padding). Th
 each batch whose optimisation finished (``mark_completed``); the loader exposes ``state_dict`` /
 ``load_state_dict`` (Lightning's stateful-loader interface), which Lightning saves in its checkpoint
 and restores before iterating, so a resumed run trains on exactly the batches the uninterrupted
-run would have. Lightning announces each epoch through ``batch_sampler.sampler.set_epoch``.
-Batches are sharded across data-parallel ranks (every rank gets the same number).
+run would have. Batches are sharded across data-parallel ranks (every rank gets the same number).
+
+The epoch number comes from the trainer's ``current_epoch`` when an epoch starts (``start_epoch``,
+called from ``on_train_epoch_start``), not from Lightning's ``set_epoch``: Lightning passes its
+count of processed epochs, which after a restore from an end-of-epoch checkpoint runs one ahead of
+the epoch being trained, so the resumed run would train on the next epoch's order.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size, self.group = rank, world_size, group
         self.epoch = 0
         self.skip = 0
-        # Lightning calls ``loader.batch_sampler.sampler.set_epoch(epoch)`` at every epoch start.
-        self.sampler = _EpochHook(self)
 
     def _rank(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -67,18 +69,6 @@ class EpochBatchSampler(Sampler[list[int]]):
         yield from self.batches(self.epoch)[self.skip:]
 
 
-class _EpochHook:
-    def __init__(self, owner: "EpochBatchSampler"):
-        self.owner = owner
-        self.on_epoch: Any = None
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.on_epoch is not None:
-            self.on_epoch(epoch)
-        else:
-            self.owner.epoch = epoch
-
-
 class ResumableLoader(DataLoader):
     """DataLoader over an ``EpochBatchSampler`` with Lightning's stateful-loader interface."""
 
@@ -89,18 +79,14 @@ class ResumableLoader(DataLoader):
                          persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed))
         self._sampler = sampler
         self.completed = 0
-        self._resume_epoch: int | None = None
-        sampler.sampler.on_epoch = self.set_epoch
 
     def __len__(self) -> int:
         return len(self._sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self._resume_epoch:
-            self._sampler.skip = 0
-        self._resume_epoch = None
-        self._sampler.epoch = epoch
-        self.completed = self._sampler.skip
+    def start_epoch(self, epoch: int) -> None:
+        """An epoch begins from its first batch (the trainer's ``on_train_epoch_start``; a run restored
+        mid-epoch does not start one, and keeps the position ``load_state_dict`` gave it)."""
+        self._sampler.epoch, self._sampler.skip, self.completed = epoch, 0, 0
 
     def mark_completed(self) -> None:
         self.completed += 1
@@ -109,7 +95,7 @@ class ResumableLoader(DataLoader):
         return {"epoch": self._sampler.epoch, "completed": self.completed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._sampler.epoch = self._resume_epoch = int(state["epoch"])
+        self._sampler.epoch = int(state["epoch"])
         self._sampler.skip = self.completed = int(state["completed"])
 
 

@@ -112,6 +112,11 @@ class RunCheckpoint(Callback):
             if trainer.is_global_zero:
                 print(f"best/ updated: {self.monitor}={value:.4f} (epoch {trainer.current_epoch}, step {trainer.global_step})")
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
+        # Not called when a run is restored mid-epoch: the loader then continues from its saved position.
+        if self.train_loader is not None:
+            self.train_loader.start_epoch(trainer.current_epoch)
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: FineTuneModule, outputs, batch, batch_idx: int) -> None:
         # This callback runs first among the batch-end hooks: the batch is trained, so a checkpoint
         # written from here on (periodic, epoch end, Ctrl-C) resumes after it.
