@@ -109,6 +109,15 @@ def test_resume_from_an_end_of_epoch_checkpoint_trains_the_same_steps(sample_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_logged_learning_rate_is_the_one_each_step_used(sample_data, tiny_dir, tmp_path):
+    from qwenvl_tune.training.module import warmup_linear_decay
+
+    run = api.train(_cfg(sample_data, tiny_dir, tmp_path, "lr", **{"train.max_epochs": 1}))
+    rows = [r for f in run.glob("logs/**/metrics.csv") for r in csv.DictReader(open(f)) if r.get("lr")]
+    schedule = warmup_linear_decay(2, 3)
+    assert {int(r["step"]): float(r["lr"]) for r in rows} == pytest.approx({s: 5e-3 * schedule(s) for s in range(3)})
+
+
 def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path):
     cfg = _cfg(sample_data, tiny_dir, tmp_path, "auto", **{"train.max_epochs": 1})
     run = api.train(cfg, resume="auto")  # nothing to resume: a fresh run
@@ -264,8 +273,9 @@ def test_non_finite_gradient_is_caught_once_per_step_with_the_step_samples(tiny_
     for p in params:
         p.grad = torch.ones_like(p)
     module._pending = [(torch.tensor(2.0), 0, ["train:1"]), (torch.tensor(1.5), 1, ["train:2"])]
-    module.on_before_optimizer_step(None)  # all finite: nothing raised, the step's record cleared
-    assert module._pending == [] and module._step_loss == pytest.approx(1.75)  # the step's mean loss, to be logged
+    module.on_before_optimizer_step(torch.optim.SGD(params, lr=0.5))  # all finite: nothing raised, the record cleared
+    # to be logged after the step: the step's mean loss and the learning rate it used
+    assert module._pending == [] and module._step_loss == (pytest.approx(1.75), 0.5)
     params[3].grad[0] = float("inf")
     module._pending = [(torch.tensor(2.0), 2, ["train:3"])]
     with pytest.raises(NonFiniteError, match=r"non-finite gradient before optimizer step 7; samples of this step: "

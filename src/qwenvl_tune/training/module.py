@@ -49,7 +49,7 @@ class FineTuneModule(pl.LightningModule):
         self._stop_ids: list[int] | None = None
         self._t0: float | None = None
         self._samples = 0
-        self._step_loss: float | None = None  # the last optimizer step's loss, averaged over ranks
+        self._step_loss: tuple[float, float] | None = None  # the last optimizer step's (loss over ranks, lr)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -88,8 +88,10 @@ class FineTuneModule(pl.LightningModule):
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)  # no barrier: the host waits once, below
         mean_loss, bad_loss_ranks, bad_grad_ranks = stats.tolist()
-        self._step_loss = mean_loss / world  # logged once the step is done (on_train_batch_end)
         if not (bad_loss_ranks or bad_grad_ranks):
+            # logged once the step is done (on_train_batch_end), with the learning rate this step uses
+            # (the scheduler moves on before that hook)
+            self._step_loss = (mean_loss / world, optimizer.param_groups[0]["lr"])
             return
         step, epoch = self.trainer.global_step, self.current_epoch
         for loss, batch_idx, ids in pending:
@@ -107,17 +109,17 @@ class FineTuneModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_loss is None:  # a micro-batch that did not end an optimizer step
             return
-        loss, self._step_loss = self._step_loss, None
-        self._log_step(loss)
+        (loss, lr), self._step_loss = self._step_loss, None
+        self._log_step(loss, lr)
 
-    def _log_step(self, loss: float) -> None:
+    def _log_step(self, loss: float, lr: float) -> None:
         """Per-step metrics as CPU tensors: logging a Python number makes Lightning copy it to the GPU,
         a blocking copy that waits for all queued work."""
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         cpu = lambda x: torch.tensor(float(x), dtype=torch.float32)  # noqa: E731
         # the mean over this optimizer step's micro-batches and over ranks: the global batch's loss
         self.log("train/loss", cpu(loss), prog_bar=True)
-        self.log("lr", cpu(self.trainer.optimizers[0].param_groups[0]["lr"]), prog_bar=True)
+        self.log("lr", cpu(lr), prog_bar=True)
         if elapsed > 0:
             # all ranks together (every rank processes the same number of samples per step)
             self.log("samples_per_s", cpu(self._samples * self.trainer.world_size / elapsed), prog_bar=True)
