@@ -158,12 +158,18 @@ def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
     for p in (cut / "checkpoints").glob("step=*"):
         if not p.name.startswith("step=0000002"):
             shutil.rmtree(p)
-    state = cut / "checkpoints" / "step=0000002-epoch=000" / "trainer_state.ckpt"
-    assert state.is_dir()
+    step2 = cut / "checkpoints" / "step=0000002-epoch=000"
+    assert (step2 / "trainer_state.ckpt").is_dir()
+    w2 = load_file(step2 / "model.safetensors")
     _cli_train("--resume", str(cut))
     c = load_file(cut / "last" / "model.safetensors")
+    # The resumed step 3 must be the uninterrupted run's step 3. bf16 compute on a GPU is not bit-for-bit
+    # repeatable, so compare against the size of that step's update: a lost optimizer state (Adam's
+    # first step is lr * sign(grad)) or a restarted LR schedule would be off by a sizeable part of it.
     for k in b:
-        assert torch.allclose(b[k], c[k], atol=1e-5, rtol=1e-4), k
+        update = (b[k].float() - w2[k].float()).norm()
+        if update > 0:
+            assert (c[k].float() - b[k].float()).norm() < 0.05 * update, (k, float(update))
 
 
 @two_gpus
