@@ -148,14 +148,19 @@ def main() -> None:
         if args.cleanup:
             shutil.rmtree(run, ignore_errors=True)
         save(results, args)  # after every run, so a run cut short by a time limit leaves the others
-    r = results["runs"]
-    ok = {k: v for k, v in r.items() if v.get("steady_samples_per_s")}
+    compare(results, verbose=True)
+    save(results, args)
+
+
+def compare(results: dict, verbose: bool = False) -> None:
+    """Steady-state ratios against the 1-device run, and loss curves of runs with the same global batch."""
+    ok = {k: v for k, v in results["runs"].items() if v.get("steady_samples_per_s")}
     base = next((k for k in ok if k.startswith("1_")), None)
     for k, v in ok.items():
         if base and k != base:
             v["steady_speedup_vs_" + base] = v["steady_samples_per_s"] / ok[base]["steady_samples_per_s"]
-            print(f"{k} vs {base}: {v['steady_speedup_vs_' + base]:.2f}x steady-state samples/s")
-    # loss curves of runs with the same global batch (devices x batch)
+            if verbose:
+                print(f"{k} vs {base}: {v['steady_speedup_vs_' + base]:.2f}x steady-state samples/s")
     for a in ok:
         for b in ok:
             ga, gb = ok[a]["devices"] * ok[a]["batch_per_device"], ok[b]["devices"] * ok[b]["batch_per_device"]
@@ -163,11 +168,12 @@ def main() -> None:
                 common = sorted(set(ok[a]["loss"]) & set(ok[b]["loss"]))
                 diff = max(abs(ok[a]["loss"][k] - ok[b]["loss"][k]) for k in common)
                 results.setdefault("max_loss_diff", {})[f"{a}|{b}"] = diff
-                print(f"same global batch {a} vs {b}: max per-step loss difference {diff:.4g} over {len(common)} steps")
-    save(results, args)
+                if verbose:
+                    print(f"same global batch {a} vs {b}: max per-step loss difference {diff:.4g} over {len(common)} steps")
 
 
 def save(results: dict, args: argparse.Namespace) -> None:
+    compare(results)  # also after each run, so a command cut short by a time limit keeps its ratios
     results["env"] = env_info()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.strategy}_speed_{args.size}_{args.method}.json").write_text(json.dumps(results, indent=2))
