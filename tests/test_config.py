@@ -87,6 +87,43 @@ def test_impossible_strategy_is_a_config_error_before_the_model_loads(sample_dat
     assert loaded == []
 
 
+def test_missing_strategy_package_is_a_config_error_before_the_model_loads(sample_data, tiny_dir, tmp_path,
+                                                                          monkeypatch):
+    from conftest import tiny_overrides
+    from qwenvl_tune import api
+    import pytorch_lightning.strategies.deepspeed as ds
+    import qwenvl_tune.training.run as run_mod
+
+    monkeypatch.setattr(ds, "_DEEPSPEED_AVAILABLE", False)  # as on a machine without the deepspeed extra
+    loaded = []
+    monkeypatch.setattr(run_mod, "_setup_model", lambda *a, **k: loaded.append(1))
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"train.strategy": "deepspeed"}))
+    with pytest.raises(ConfigError, match="train.strategy='deepspeed'.*DeepSpeed installed"):
+        api.train(cfg)
+    assert loaded == []
+
+
+def test_a_mistyped_local_model_path_fails_at_once_without_a_run_folder(sample_data, tmp_path, capsys):
+    from conftest import tiny_overrides
+    from qwenvl_tune.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "empty").mkdir()
+    for model, why in ((tmp_path / "models" / "qwen-typo", "no such folder"), (tmp_path / "empty", "no config.json")):
+        over = tiny_overrides(sample_data, model, tmp_path / "runs", **{"run.name": "r"})
+        assert main(["train", *[f"--{k}={v}" for k, v in over.items()]]) == 2
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that cannot start
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct"])
+def test_hub_ids_are_left_to_the_hub(name, tmp_path, monkeypatch):
+    from qwenvl_tune.modeling.load import check_model_source
+
+    monkeypatch.chdir(tmp_path)  # no folder named like the organisation here
+    assert check_model_source(f" {name} ") == name
+
+
 def test_learning_rate_default_depends_on_method_and_an_explicit_one_wins():
     assert build_config(None, {}).train.lr == 2e-4
     assert build_config(None, {"model.method": "qlora"}).train.lr == 2e-4

@@ -13,16 +13,49 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ModelConfig
+from ..config import Config, ConfigError, ModelConfig
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# what a local folder must hold to be loaded as each kind (any one of the files)
+FOLDER_FILES = {"model": ("config.json",),
+                "processor": ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")}
+
+
+def check_model_source(name_or_path: str | Path, kind: str = "model") -> str:
+    """The model argument, stripped; a clear error at once when it names a local folder that is not there.
+
+    ``org/name`` is a hub id unless ``org`` is a folder here; anything starting with ``.``, ``/`` or
+    ``~``, or with more than two parts, is a path. Without this a typo in a local path is tried on
+    the hub, retried for about half a minute, and ends in a traceback.
+    """
+    s = str(name_or_path).strip()
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if not any((p / f).is_file() for f in FOLDER_FILES[kind]):
+            raise ConfigError(f"model.name_or_path={s!r}: the folder holds no {' or '.join(FOLDER_FILES[kind])}, so "
+                              f"it is not a Hugging Face {kind} folder")
+        return s
+    local = s.startswith((".", "/", "~")) or len(p.parts) > 2 or p.exists() or (len(p.parts) == 2 and Path(p.parts[0]).is_dir())
+    if local:
+        raise ConfigError(f"model.name_or_path={s!r}: no such folder (a hub id looks like 'Qwen/Qwen2.5-VL-3B-Instruct')")
+    return s
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:  # not on the hub, hub unreachable, or files missing from the folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name_or_path={name!r} could not be loaded: {first}") from None
+
+
 def load_processor(name_or_path: str | Path, min_pixels: int, max_pixels: int):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(name_or_path).strip())
+    processor = _from_pretrained(AutoProcessor, check_model_source(name_or_path, "processor"))
     set_pixel_limits(processor, min_pixels, max_pixels)
     return processor
 
@@ -74,7 +107,7 @@ def load_base_model(cfg: ModelConfig, device_map: Any = None, quantize: bool | N
         kwargs["device_map"] = device_map or {"": local if torch.cuda.is_available() else "cpu"}
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForImageTextToText.from_pretrained(cfg.name_or_path.strip(), **kwargs)
+    return _from_pretrained(AutoModelForImageTextToText, check_model_source(cfg.name_or_path), **kwargs)
 
 
 def lora_targets(model: torch.nn.Module, suffixes: list[str], include_vision: bool) -> list[str]:

@@ -29,7 +29,8 @@ from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.records import DataError
-from ..modeling.load import count_parameters, load_base_model, load_processor, prepare_for_training
+from ..modeling.load import (check_model_source, count_parameters, load_base_model, load_processor,
+                             prepare_for_training)
 from ..modeling.fast import prefer_flash_sdpa
 from ..inference.structured import infer_schema, save_schema
 from .checkpoints import read_run_config
@@ -248,9 +249,13 @@ def _setup_trainer(config: Config, run_dir: Path, processor: Any, train_loader: 
                                        check_on_train_epoch_end=False, verbose=True))
     loggers = [CSVLogger(run_dir, name="logs", version=log_version),
                TensorBoardLogger(run_dir, name="logs", version=log_version)]
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     try:
         trainer = _trainer(t, callbacks, loggers, run_dir)
-    except ValueError as e:  # Lightning's word on an impossible accelerator/strategy/devices combination
+    # Lightning's word on an impossible accelerator/strategy/devices combination, or a strategy whose
+    # package is missing (deepspeed)
+    except (ValueError, MisconfigurationException) as e:
         raise ConfigError(f"train.accelerator={t.accelerator!r}, train.strategy={t.strategy!r}, "
                           f"train.devices={t.devices}: {e}") from None
     return trainer, ckpt
@@ -365,6 +370,7 @@ def train(config: Config, resume: str | None = None) -> Path:
             config = _resumed_config(run_dir, config)
             ckpt_path = ckpt / TRAINER_STATE
     config.validate()
+    check_model_source(config.model.name_or_path)  # a mistyped local path fails before anything is written
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     prefer_flash_sdpa(config.model.fast_path)
     run_dir = _run_dir(config, resuming=ckpt_path is not None)
