@@ -113,6 +113,20 @@ class RunCheckpoint(Callback):
             if trainer.is_global_zero:
                 print(f"best/ updated: {self.monitor}={value:.4f} (epoch {trainer.current_epoch}, step {trainer.global_step})")
 
+    def on_train_start(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
+        self._first_batch = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: FineTuneModule, batch: Any, batch_idx: int) -> None:
+        # Lightning's logging step counts optimizer steps. On restore it adds one, for checkpoints that
+        # Lightning saves before counting the step; ours from the end of an epoch are saved after it, so
+        # the resumed run's metrics would be logged one step late. Runs start at a step boundary, where
+        # the two counts agree.
+        if getattr(self, "_first_batch", False):
+            self._first_batch = False
+            loop = trainer.fit_loop.epoch_loop
+            if isinstance(getattr(loop, "_batches_that_stepped", None), int):
+                loop._batches_that_stepped = trainer.global_step
+
     def on_train_epoch_start(self, trainer: pl.Trainer, module: FineTuneModule) -> None:
         # Not called when a run is restored mid-epoch: the loader then continues from its saved position.
         if self.train_loader is not None:
