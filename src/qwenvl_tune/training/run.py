@@ -62,6 +62,7 @@ class RunCheckpoint(Callback):
         self.stop_requested = False  # set by the first Ctrl-C
         self.stopped_by_user: Path | None = None
         self.final_state: Path | None = None
+        self._first_batch = False  # the next batch is the first of this fit (set in on_train_start)
 
     def _meta(self, trainer: pl.Trainer, **extra: Any) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -121,7 +122,7 @@ class RunCheckpoint(Callback):
         # Lightning saves before counting the step; ours from the end of an epoch are saved after it, so
         # the resumed run's metrics would be logged one step late. Runs start at a step boundary, where
         # the two counts agree.
-        if getattr(self, "_first_batch", False):
+        if self._first_batch:
             self._first_batch = False
             loop = trainer.fit_loop.epoch_loop
             if isinstance(getattr(loop, "_batches_that_stepped", None), int):
