@@ -9,6 +9,7 @@ looked for after the fact, so none is hard-coded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -46,6 +47,17 @@ class Encoder:
             out["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
         return out
 
+    @cached_property
+    def _image_token(self) -> int:
+        from ..modeling.positions import image_token_id
+
+        return image_token_id(self.processor)
+
+    def _positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        from ..modeling.positions import mrope_positions
+
+        return mrope_positions(input_ids, image_grid_thw, self._image_token, self.processor.image_processor.merge_size)
+
     def _text_ids(self, text: str) -> torch.Tensor:
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
@@ -64,6 +76,7 @@ class Encoder:
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(prompt_ids): len(prompt_ids) + len(target)] = target
         enc["input_ids"], enc["labels"] = input_ids, labels
+        enc["position_ids"] = self._positions(input_ids, enc["image_grid_thw"])
         if "mm_token_type_ids" in enc:
             enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(target) + len(tail), dtype=torch.long)])
         return enc
@@ -95,6 +108,9 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool) -> dict[st
         batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left)
     if "mm_token_type_ids" in items[0]:
         batch["mm_token_type_ids"] = _pad([it["mm_token_type_ids"] for it in items], 0, left)
+    if "position_ids" in items[0]:  # (3, len) each -> (3, batch, len); padding positions are masked out
+        rows = [_pad([it["position_ids"][r] for it in items], 0, left) for r in range(3)]
+        batch["position_ids"] = torch.stack(rows)
     for key in ("ids", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]

@@ -15,6 +15,7 @@ import torch
 from ..config import Config
 from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
 from ..modeling.fast import answer_only_loss
+from ..modeling.positions import PositionCheck
 from ..inference.generate import MODEL_INPUTS, generate_batch, stop_token_ids
 
 
@@ -49,6 +50,7 @@ class FineTuneModule(pl.LightningModule):
         self._stop_ids: list[int] | None = None
         self._t0: float | None = None
         self._samples = 0
+        self._positions = PositionCheck()  # the loader's rope position ids, checked against the model's once
         self._step_loss: tuple[float, float] | None = None  # the last optimizer step's (loss over ranks, lr)
 
     def forward(self, **batch):
@@ -57,6 +59,8 @@ class FineTuneModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         if self.config.model.fast_path:
+            if "position_ids" in batch and self._positions.usable(self.model, batch):
+                inputs["position_ids"] = batch["position_ids"]  # the model skips its own rope-index pass
             loss = answer_only_loss(self.model, inputs, batch["labels"])
         else:
             loss = self.model(**inputs, labels=batch["labels"]).loss

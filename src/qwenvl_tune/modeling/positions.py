@@ -1,0 +1,86 @@
+"""Multimodal rotary (mrope) position ids of one training sample, computed in the data loader.
+
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL give every token three position ids (time, height, width). Text
+tokens count up together; an image's tokens take the running index plus their row and column in
+the merged patch grid, and the text after the image resumes at the running index plus the larger
+of the grid's merged height and width. When a training batch carries no ``position_ids`` the model
+works them out itself at every step (``get_rope_index``: a Python loop over each sample, with a
+device-to-host copy). Computed here instead, on the loader's CPU workers, the step does not wait.
+
+The model's own function is the reference: ``PositionCheck`` compares the two once, on the first
+training batch, and drops the precomputed ids (with a warning) if this transformers release
+computes them differently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+
+def image_token_id(processor: Any) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token: int,
+                    merge_size: int) -> torch.Tensor:
+    """(3, len) position ids of one unpadded sample holding still images (no video)."""
+    n = len(input_ids)
+    is_image = input_ids == image_token
+    # starts and ends of the runs of image tokens, one run per image
+    edges = torch.diff(is_image.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                       append=torch.zeros(1, dtype=torch.int8))
+    starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+    if len(starts) != len(image_grid_thw):
+        raise ValueError(f"{len(starts)} runs of image tokens but {len(image_grid_thw)} image grids")
+    out = torch.empty(3, n, dtype=torch.long)
+    pos, prev = 0, 0  # running index, and where the current text run begins
+    for (t, h, w), s, e in zip(image_grid_thw.tolist(), starts, ends):
+        out[:, prev:s] = torch.arange(pos, pos + s - prev)
+        pos += s - prev
+        gh, gw = h // merge_size, w // merge_size
+        if t * gh * gw != e - s:
+            raise ValueError(f"image grid {t}x{h}x{w} needs {t * gh * gw} tokens, the sample has {e - s}")
+        out[0, s:e] = pos + torch.arange(t).repeat_interleave(gh * gw)
+        out[1, s:e] = pos + torch.arange(gh).repeat_interleave(gw).repeat(t)
+        out[2, s:e] = pos + torch.arange(gw).repeat(t * gh)
+        pos += max(gh, gw)
+        prev = e
+    out[:, prev:] = torch.arange(pos, pos + n - prev)
+    return out
+
+
+def model_rope_index(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The position ids the model itself computes for ``batch`` (its ``get_rope_index``), or None."""
+    owner = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    if owner is None:
+        return None
+    params = inspect.signature(owner.get_rope_index).parameters
+    kwargs = {k: batch[k] for k in ("image_grid_thw", "attention_mask", "mm_token_type_ids") if k in params and k in batch}
+    return owner.get_rope_index(batch["input_ids"], **kwargs)[0]
+
+
+class PositionCheck:
+    """Compares the loader's position ids with the model's own once; afterwards only reports the verdict."""
+
+    def __init__(self) -> None:
+        self.verdict: bool | None = None
+
+    def usable(self, model: torch.nn.Module, batch: dict[str, Any]) -> bool:
+        if self.verdict is None:
+            ours = batch["position_ids"]
+            theirs = model_rope_index(model, batch)
+            mask = batch["attention_mask"].bool()
+            self.verdict = theirs is not None and bool(
+                torch.equal(ours[:, mask], theirs.to(ours.device)[:, mask]))
+            if not self.verdict:
+                warnings.warn("the data loader's rope position ids differ from this transformers release's "
+                              "get_rope_index; the model computes them itself at every step (slower, same result)",
+                              stacklevel=2)
+        return self.verdict
