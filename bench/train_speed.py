@@ -120,6 +120,7 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool) -> list[Sample]
 
 def batches(samples: list[Sample], batch_size: int, sort: bool):
     from qwenvl_tune.data.collate import collate
+    from qwenvl_tune.modeling.positions import mrope_positions
 
     order = list(range(len(samples)))
     if sort and batch_size > 1:
@@ -129,7 +130,10 @@ def batches(samples: list[Sample], batch_size: int, sort: bool):
     out = []
     for g in groups:
         items = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels,
-                  "pixel_values": samples[i].pixel_values, "image_grid_thw": samples[i].grid} for i in g]
+                  "pixel_values": samples[i].pixel_values, "image_grid_thw": samples[i].grid,
+                  "position_ids": mrope_positions(samples[i].input_ids, samples[i].grid, IMAGE, 2),
+                  # newer transformers compute mrope positions only when told which tokens are image tokens
+                  "mm_token_type_ids": (samples[i].input_ids == IMAGE).long()} for i in g]
         b = collate(items, PAD, left=False)
         out.append(b)
     return out
@@ -191,11 +195,13 @@ def load_variant(v: dict, ckpt: str, cfg):
     return model, config
 
 
-def train_loss(model, batch, fast: bool):
+def train_loss(model, batch, fast: bool, loader_positions: bool = True):
     from qwenvl_tune.modeling.fast import answer_only_loss
 
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
     if fast:
+        if loader_positions:  # what the trainer does: rope position ids from the data loader
+            inputs["position_ids"] = batch["position_ids"]
         return answer_only_loss(model, inputs, batch["labels"])
     return model(**inputs, labels=batch["labels"]).loss
 
@@ -216,7 +222,7 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
         b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
         with autocast:
-            loss = train_loss(model, b, v["fast"]) / accum
+            loss = train_loss(model, b, v["fast"], v.get("loader_positions", True)) / accum
         loss.backward()
         if (i + 1) % accum == 0:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,6 +304,8 @@ VARIANTS = [
     {"name": "guide_lora_bf16", "method": "lora", "fast": False, "batch": 1, "autocast": False,
      "desc": "guide: bf16 LoRA r=8 q/v, sdpa, batch 1"},
     {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
+    {"name": "ours_lora_b1_model_positions", "method": "lora", "fast": True, "batch": 1, "loader_positions": False,
+     "desc": "qwenvl-tune lora, batch 1, rope positions computed by the model each step (before 2026-11-27)"},
     {"name": "ours_lora_b4", "method": "lora", "fast": True, "batch": 4, "desc": "qwenvl-tune lora, batch 4 length-grouped"},
     {"name": "ours_lora_b2", "method": "lora", "fast": True, "batch": 2, "desc": "qwenvl-tune lora, batch 2 length-grouped"},
     {"name": "ours_qlora_b1", "method": "qlora", "fast": True, "batch": 1, "desc": "qwenvl-tune qlora, batch 1"},
