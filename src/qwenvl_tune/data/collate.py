@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..modeling.positions import image_token_id, mrope_positions
 from .conversation import render
 from .images import load_image
 from .records import DataError, Record
@@ -49,14 +50,7 @@ class Encoder:
 
     @cached_property
     def _image_token(self) -> int:
-        from ..modeling.positions import image_token_id
-
         return image_token_id(self.processor)
-
-    def _positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        from ..modeling.positions import mrope_positions
-
-        return mrope_positions(input_ids, image_grid_thw, self._image_token, self.processor.image_processor.merge_size)
 
     def _text_ids(self, text: str) -> torch.Tensor:
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -76,7 +70,8 @@ class Encoder:
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(prompt_ids): len(prompt_ids) + len(target)] = target
         enc["input_ids"], enc["labels"] = input_ids, labels
-        enc["position_ids"] = self._positions(input_ids, enc["image_grid_thw"])
+        enc["position_ids"] = mrope_positions(input_ids, enc["image_grid_thw"], self._image_token,
+                                              self.processor.image_processor.merge_size)
         if "mm_token_type_ids" in enc:
             enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(target) + len(tail), dtype=torch.long)])
         return enc
