@@ -57,14 +57,31 @@ def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
     assert calls and all(calls) and len(calls) == 2  # tiny vision tower: 2 blocks, one call each
 
 
-def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path):
-    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path))
+@pytest.mark.parametrize("chunk", [fast.LOSS_CHUNK, 7])
+def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path, monkeypatch, chunk):
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{"lora.dropout": 0.0}))
     proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
-    model = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
     batch = _batch(proc)
-    seen = {}
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.update(n=o.shape[-2]))
-    fast.answer_only_loss(model, {k: batch[k] for k in MODEL_INPUTS if k in batch}, batch["labels"])
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    whole = fast.answer_only_loss(model, inputs, batch["labels"], chunked=False)
+    whole.backward()
+    whole_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(fast, "LOSS_CHUNK", chunk)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+    loss = fast.answer_only_loss(model, inputs, batch["labels"])
+    loss.backward()
     hook.remove()
     supervised = int((batch["labels"][:, 1:] != -100).any(0).sum())
-    assert seen["n"] == supervised < batch["input_ids"].shape[1] / 2
+    assert supervised < batch["input_ids"].shape[1] / 2
+    # no logits in the forward pass; then the answer positions, chunk by chunk, once more in backward
+    assert rows[0] == 0 and max(rows) <= chunk
+    assert sum(rows[1:]) == 2 * supervised * batch["input_ids"].shape[0]
+    assert torch.allclose(whole, loss, rtol=1e-6), (whole, loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == whole_grads.keys() and grads
+    for n in grads:
+        assert torch.allclose(grads[n], whole_grads[n], rtol=1e-5, atol=1e-7), n

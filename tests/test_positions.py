@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,18 +15,20 @@ from qwenvl_tune.data.collate import Encoder, collate
 from qwenvl_tune.inference.generate import MODEL_INPUTS
 from qwenvl_tune.modeling.fast import answer_only_loss
 from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
-from qwenvl_tune.modeling.positions import PositionCheck, image_token_id, model_rope_index, mrope_positions
+from qwenvl_tune.modeling.positions import (PositionCheck, VisionIndex, image_token_id, model_rope_index,
+                                          mrope_positions)
 
 PIXELS = 64 * 28 * 28
 
 
-def _batch(proc):
+def _batch(proc, **collate_options):
     enc = Encoder(proc)
     # pages of different shapes (wide, tall, square grids) and answers of different lengths: right padding
     sizes = [(300, 420), (560, 280), (336, 336)]
-    items = [enc.encode_train(Image.new("RGB", size, (40 * i, 90, 20)), "extract", f'{{"n": "{i}"}}' * (2 * i + 1))
-             for i, size in enumerate(sizes)]
-    return collate(items, enc.pad_id, left=False)
+    rng = np.random.default_rng(0)  # noise, not flat colour: patches must differ for positions to matter
+    pages = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    items = [enc.encode_train(page, "extract", f'{{"n": "{i}"}}' * (2 * i + 1)) for i, page in enumerate(pages)]
+    return collate(items, enc.pad_id, left=False, **collate_options)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
@@ -88,3 +91,94 @@ def test_position_check_falls_back_when_the_model_disagrees(tiny_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # decided once: no second comparison, no second warning
         assert not check.usable(model, wrong)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_loader_vision_index_gives_the_same_loss_and_gradients(family, tiny_family, tmp_path):
+    ckpt = tiny_family(family)
+    cfg = build_config(None, tiny_overrides(tmp_path, ckpt, tmp_path, **{"data.min_pixels": PIXELS,
+                                                                         "data.max_pixels": PIXELS * 4}))
+    proc = load_processor(ckpt, cfg.data.min_pixels, cfg.data.max_pixels)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    vision = VisionIndex.for_config(model.config)
+    assert vision is not None and (vision.window_size is not None) == (family == "qwen2_5_vl")
+    batch = _batch(proc)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs["position_ids"] = batch["position_ids"]
+    index = vision(batch["image_grid_thw"])
+    assert all(k.startswith("image_") for k in index)
+
+    def loss_and_grads(extra):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same LoRA dropout masks
+        loss = answer_only_loss(model, {**inputs, **extra}, batch["labels"], batch["answer_positions"])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    own_loss, own_grads = loss_and_grads({})
+    loss, grads = loss_and_grads(index)
+    assert torch.allclose(own_loss, loss, rtol=1e-6, atol=0)
+    assert len(grads) == len(own_grads) > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(own_grads, grads))
+    # the tower does read them: wrong indices give other image features
+    key = "image_window_index" if family == "qwen2_5_vl" else "image_position_ids"
+    with torch.no_grad():
+        def features(extra):
+            out = model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], **extra)
+            return torch.cat(list(getattr(out, "pooler_output", out)))
+        right, wrong = features(index), features({**index, key: index[key].flip(0)})
+    same, moved = (features({}) - right).abs().max(), (wrong - right).abs().max()
+    assert same == 0 < moved  # the same arithmetic on the same values; moved positions change it
+
+
+def test_answer_positions_are_where_the_next_token_is_supervised(tiny_dir):
+    batch = _batch(load_processor(tiny_dir, PIXELS, PIXELS * 4))
+    labels = batch["labels"]
+    for i in range(labels.shape[1] - 1):
+        assert (i in batch["answer_positions"].tolist()) == bool((labels[:, i + 1] != -100).any())
+
+
+def test_vision_index_only_for_families_whose_tower_reads_it(tiny_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    assert VisionIndex.for_config(config) is not None
+    config.model_type = "llava"
+    assert VisionIndex.for_config(config) is None
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_training_step_inputs_give_the_plain_loss_and_gradients(family, tiny_family, tmp_path):
+    """What the trainer's fast path feeds the model (loader positions, vision indices and answer
+    positions; no padding mask; lengths padded to a multiple of 64) against the plain model call on
+    the unrounded batch."""
+    from qwenvl_tune.training.module import FineTuneModule
+
+    ckpt = tiny_family(family)
+    cfg = build_config(None, tiny_overrides(tmp_path, ckpt, tmp_path, **{
+        "data.min_pixels": PIXELS, "data.max_pixels": PIXELS * 4, "lora.dropout": 0.0}))
+    proc = load_processor(ckpt, cfg.data.min_pixels, cfg.data.max_pixels)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    plain_batch = _batch(proc)
+    inputs = {k: plain_batch[k] for k in MODEL_INPUTS if k in plain_batch}
+    plain = model(**inputs, labels=plain_batch["labels"]).loss
+    plain.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    batch = _batch(proc, vision=VisionIndex.for_config(model.config), pad_to_multiple_of=64)
+    assert batch["input_ids"].shape[1] % 64 == 0 and batch["input_ids"].shape[1] > plain_batch["input_ids"].shape[1]
+    seen = {}
+    forward = model.forward
+    model.forward = lambda **kw: seen.update(kw) or forward(**kw)
+    loss = FineTuneModule(model, proc, cfg).training_step(batch, 0)
+    assert "attention_mask" not in seen and "position_ids" in seen and "image_cu_seqlens" in seen
+    assert ("image_window_index" in seen) == (family == "qwen2_5_vl")
+    assert torch.allclose(plain, loss, rtol=1e-5, atol=0), (plain, loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == plain_grads.keys() and grads
+    for n in grads:
+        assert torch.allclose(grads[n], plain_grads[n], rtol=1e-4, atol=1e-6), n

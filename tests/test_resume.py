@@ -134,8 +134,8 @@ def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path
     from qwenvl_tune.data import collate as collate_mod
     real = collate_mod.collate
 
-    def nan_collate(items, pad_id, left):
-        b = real(items, pad_id, left)
+    def nan_collate(items, pad_id, left, **options):
+        b = real(items, pad_id, left, **options)
         if nan_collate.calls == 4:
             b["pixel_values"] = torch.full_like(b["pixel_values"], float("nan"))
         nan_collate.calls += 1

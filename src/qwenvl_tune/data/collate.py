@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..modeling.positions import image_token_id, mrope_positions
+from ..modeling.positions import VisionIndex, image_token_id, mrope_positions
 from .conversation import render
 from .images import load_image
 from .records import DataError, Record
@@ -80,8 +80,8 @@ class Encoder:
         return self._prompt(image, render(self.processor, prefix, self.system_message).prompt)
 
 
-def _pad(seqs: Sequence[torch.Tensor], value: int, left: bool) -> torch.Tensor:
-    n = max(len(s) for s in seqs)
+def _pad(seqs: Sequence[torch.Tensor], value: int, left: bool, multiple: int = 1) -> torch.Tensor:
+    n = -(-max(len(s) for s in seqs) // multiple) * multiple
     out = torch.full((len(seqs), n), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
         if left:
@@ -91,21 +91,36 @@ def _pad(seqs: Sequence[torch.Tensor], value: int, left: bool) -> torch.Tensor:
     return out
 
 
-def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool) -> dict[str, Any]:
-    """Pad a list of encoded samples into a batch. Training pads right; generation pads left."""
+def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool, vision: VisionIndex | None = None,
+            pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Pad a list of encoded samples into a batch. Training pads right; generation pads left.
+
+    ``pad_to_multiple_of`` rounds the padded length up (measured on an H100 with the 3B model at
+    batch 1 and 2: no speed change, so the trainer does not round; bench/train_speed.py keeps the
+    variants).
+
+    Training batches also carry ``answer_positions``: the positions whose next token is supervised
+    in any sample (where the fast path computes logits), found here rather than with a
+    ``nonzero()`` on the GPU, which waits for it. With ``vision``, the vision tower's index
+    tensors for the batch's images come along too (``VisionIndex``).
+    """
+    m = pad_to_multiple_of
     batch: dict[str, Any] = {
-        "input_ids": _pad([it["input_ids"] for it in items], pad_id, left),
-        "attention_mask": _pad([torch.ones_like(it["input_ids"]) for it in items], 0, left),
+        "input_ids": _pad([it["input_ids"] for it in items], pad_id, left, m),
+        "attention_mask": _pad([torch.ones_like(it["input_ids"]) for it in items], 0, left, m),
         "pixel_values": torch.cat([it["pixel_values"] for it in items]),
         "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
     }
     if "labels" in items[0]:
-        batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left)
+        batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left, m)
+        batch["answer_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     if "mm_token_type_ids" in items[0]:
-        batch["mm_token_type_ids"] = _pad([it["mm_token_type_ids"] for it in items], 0, left)
+        batch["mm_token_type_ids"] = _pad([it["mm_token_type_ids"] for it in items], 0, left, m)
     if "position_ids" in items[0]:  # (3, len) each -> (3, batch, len); padding positions are masked out
-        rows = [_pad([it["position_ids"][r] for it in items], 0, left) for r in range(3)]
+        rows = [_pad([it["position_ids"][r] for it in items], 0, left, m) for r in range(3)]
         batch["position_ids"] = torch.stack(rows)
+    if vision is not None:
+        batch.update(vision(batch["image_grid_thw"]))
     for key in ("ids", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
@@ -113,11 +128,11 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool) -> dict[st
 
 
 class TrainCollator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, vision: VisionIndex | None = None):
+        self.pad_id, self.vision = pad_id, vision
 
     def __call__(self, items):
-        return collate(items, self.pad_id, left=False)
+        return collate(items, self.pad_id, left=False, vision=self.vision)
 
 
 class GenerateCollator:

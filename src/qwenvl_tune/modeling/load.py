@@ -60,6 +60,12 @@ def load_processor(name_or_path: str | Path, min_pixels: int, max_pixels: int):
     return processor
 
 
+def load_model_config(name_or_path: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, check_model_source(name_or_path))
+
+
 def set_pixel_limits(processor: Any, min_pixels: int, max_pixels: int) -> None:
     """Set the image processor's resize bounds (transformers 5 keeps them in ``size``)."""
     ip = processor.image_processor

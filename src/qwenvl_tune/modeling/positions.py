@@ -10,6 +10,8 @@ device-to-host copy). Computed here instead, on the loader's CPU workers, the st
 The model's own function is the reference: ``PositionCheck`` compares the two once, on the first
 training batch, and drops the precomputed ids (with a warning) if this transformers release
 computes them differently.
+
+``VisionIndex`` does the same for the vision tower's index tensors, with the library's own functions.
 """
 
 from __future__ import annotations
@@ -84,3 +86,62 @@ class PositionCheck:
                               "get_rope_index; the model computes them itself at every step (slower, same result)",
                               stacklevel=2)
         return self.verdict
+
+
+# The vision tower's own per-step index tensors, by family: each name is a helper of
+# ``transformers.vision_utils`` that the tower calls with its ``kwargs`` and that returns a
+# precomputed value found there instead of computing it (transformers >= 5.17). Qwen3-VL's
+# position-embedding interpolation is left to the model (its helper changed between releases).
+_VISION_HELPERS = {
+    "qwen2_vl": ("get_vision_position_ids", "get_vision_attention_seqlens"),
+    "qwen2_5_vl": ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index"),
+    "qwen3_vl": ("get_vision_position_ids", "get_vision_attention_seqlens"),
+}
+
+
+class VisionIndex:
+    """The vision tower's index tensors for a batch's images, computed in the data loader.
+
+    Every step the tower derives from ``image_grid_thw`` its rotary position ids, the
+    boundaries of each image (``cu_seqlens``) and, for Qwen2.5-VL, the window permutation and
+    window boundaries, with ``.tolist()``/``.item()`` calls that wait for the GPU. Here the
+    same library functions run on the loader's CPU copy of the grids; the batch carries the
+    results as ``image_*`` keys, which the model's ``get_image_features`` hands to the tower.
+    Built only where the installed transformers' tower reads them (else ``for_config`` is None).
+    """
+
+    def __init__(self, family: str, spatial_merge_size: int, window_size: int | None, patch_size: int):
+        self.family, self.merge, self.window_size, self.patch_size = family, spatial_merge_size, window_size, patch_size
+
+    @classmethod
+    def for_config(cls, config: Any) -> "VisionIndex | None":
+        import importlib
+
+        family = getattr(config, "model_type", None)
+        vision = getattr(config, "vision_config", None)
+        if family not in _VISION_HELPERS or vision is None:
+            return None
+        try:
+            modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            return None
+        if not all(hasattr(modeling, name) for name in _VISION_HELPERS[family]):
+            return None  # this release's tower computes them itself and would not read ours
+        window = getattr(vision, "window_size", None) if family == "qwen2_5_vl" else None
+        return cls(family, vision.spatial_merge_size, window, vision.patch_size)
+
+    def __call__(self, image_grid_thw: torch.Tensor) -> dict[str, Any]:
+        from transformers import vision_utils as vu
+
+        grid = image_grid_thw.cpu()
+        cu = vu.get_vision_cu_seqlens(grid)
+        out: dict[str, Any] = {
+            "image_position_ids": vu.get_vision_position_ids(grid, self.merge),
+            "image_cu_seqlens": cu,
+            "image_max_seqlen": int((cu[1:] - cu[:-1]).max()),
+        }
+        if self.window_size is not None:
+            index, cu_window = vu.get_vision_window_index(grid, self.merge, self.window_size, self.patch_size)
+            out.update(image_window_index=index, image_cu_window_seqlens=cu_window,
+                       image_max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()))
+        return out

@@ -17,6 +17,7 @@ from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
 from ..modeling.fast import answer_only_loss
 from ..modeling.positions import PositionCheck
 from ..inference.generate import MODEL_INPUTS, generate_batch, stop_token_ids
+from .distributed import is_fsdp
 
 
 class NonFiniteError(FloatingPointError):
@@ -61,7 +62,15 @@ class FineTuneModule(pl.LightningModule):
         if self.config.model.fast_path:
             if "position_ids" in batch and self._positions.usable(self.model, batch):
                 inputs["position_ids"] = batch["position_ids"]  # the model skips its own rope-index pass
-            loss = answer_only_loss(self.model, inputs, batch["labels"])
+                # Training batches are right-padded: causal attention never looks past a sample's last
+                # token, so the padding mask changes nothing for real tokens (padding carries no label).
+                # Without it the language model runs plain causal flash attention instead of a masked
+                # kernel, and builds no mask.
+                inputs.pop("attention_mask", None)
+            # the vision tower's index tensors, when the loader computed them (VisionIndex)
+            inputs.update({k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs})
+            loss = answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
+                                    chunked=not (self._trainer is not None and is_fsdp(self._trainer)))
         else:
             loss = self.model(**inputs, labels=batch["labels"]).loss
         # Checked and logged once per optimizer step (on_before_optimizer_step), not here: reading the
@@ -134,8 +143,6 @@ class FineTuneModule(pl.LightningModule):
             self.log("gpu_peak_gib", cpu(torch.cuda.max_memory_allocated(self.device) / 2**30))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from .distributed import is_fsdp
-
         if gradient_clip_val and is_fsdp(self.trainer):
             # Lightning's FSDP precision refuses to clip by norm; FSDP's own clip takes the norm over all shards.
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)

@@ -29,9 +29,10 @@ from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.records import DataError
-from ..modeling.load import (check_model_source, count_parameters, load_base_model, load_processor,
-                             prepare_for_training)
+from ..modeling.load import (check_model_source, count_parameters, load_base_model, load_model_config,
+                             load_processor, prepare_for_training)
 from ..modeling.fast import prefer_flash_sdpa
+from ..modeling.positions import VisionIndex
 from ..inference.structured import infer_schema, save_schema
 from .checkpoints import read_run_config
 from .checkpoints import (TRAINER_STATE, CheckpointError, copy_checkpoint, is_complete, latest_resumable, prune,
@@ -241,11 +242,13 @@ def _setup_model(config: Config) -> torch.nn.Module:
 def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: SplitReport):
     d, t = config.data, config.train
     enc = Encoder(processor, d.system_message, d.max_length)
+    # the fast path takes the vision tower's index tensors from the loader, where this transformers reads them
+    vision = VisionIndex.for_config(load_model_config(config.model.name_or_path)) if config.model.fast_path else None
     common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
-                                   TrainCollator(enc.pad_id), num_workers=d.num_workers)
+                                   TrainCollator(enc.pad_id, vision), num_workers=d.num_workers)
     val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", d.max_image_pixels)),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)
