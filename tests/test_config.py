@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_guides_values_with_defects_fixed():
     c = build_config()
     assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
-    assert (c.train.lr, c.train.warmup_steps, c.train.accumulate_grad_batches, c.train.gradient_clip_val) == (2e-4, 50, 8, 1.0)
+    assert (c.train.lr, c.train.warmup_steps, c.train.gradient_clip_val) == (2e-4, 50, 1.0)
+    # the guide's 8 samples per optimizer step, as 2 length-grouped samples x 4 micro-batches (faster than 1 x 8)
+    assert (c.train.batch_size, c.train.accumulate_grad_batches) == (2, 4)
     assert (c.data.min_pixels, c.data.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28)
     assert c.model.name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert c.data.system_message is None

@@ -39,3 +39,29 @@ def test_liger_kernels_refuse_cleanly_without_a_gpu(tiny_dir, monkeypatch):
         prepare_for_training(load_base_model(cfg.model), cfg)
     with pytest.raises(ConfigError, match="model.kernels"):
         build_config(None, {"model.kernels": "triton"})
+
+
+def test_auto_kernels_choose_liger_only_where_it_runs(tiny_dir, monkeypatch, capsys):
+    import importlib.util
+
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.modeling import kernels
+    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
+
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
+    assert cfg.model.kernels == "auto"
+    model = load_base_model(cfg.model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernels.resolve_kernels("auto", model) == ("none", "no CUDA GPU")
+    prepare_for_training(model, cfg)  # trains without, and says why
+    assert "model.kernels=auto: none (no CUDA GPU)" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    chosen, why = kernels.resolve_kernels("auto", model)
+    assert chosen == "none" and "pip install 'qwenvl-tune[kernels]'" in why
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    assert kernels.resolve_kernels("auto", model)[0] == "liger"
+    model.config.model_type = "llava"
+    assert kernels.resolve_kernels("auto", model)[0] == "none"
+    assert kernels.resolve_kernels("none", model) == ("none", "asked for")

@@ -58,7 +58,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...).")
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    kernels: Literal["none", "liger"] = _f("none", "Fused Triton kernels (liger: RMSNorm, SwiGLU, rotary; CUDA only, pip install 'qwenvl-tune[kernels]').")
+    kernels: Literal["auto", "none", "liger"] = _f("auto", "Fused Triton kernels (liger: RMSNorm, SwiGLU, rotary; CUDA only, pip install 'qwenvl-tune[kernels]'); auto: liger where available.")
     fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, logits only on answer tokens.")
 
 
@@ -66,8 +66,8 @@ class ModelConfig:
 class TrainConfig:
     max_epochs: int = _f(10, "Number of passes over the training split.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: no limit).")
-    batch_size: int = _f(1, "Samples per micro-batch.")
-    accumulate_grad_batches: int = _f(8, "Micro-batches per optimizer step.")
+    batch_size: int = _f(2, "Samples per micro-batch (per device); batches are length-grouped.")
+    accumulate_grad_batches: int = _f(4, "Micro-batches per optimizer step.")
     lr: float | None = _f(None, "Peak learning rate (AdamW); unset: 2e-4 for lora/qlora, 1e-5 for full fine-tuning.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(50, "Linear warm-up steps, then linear decay to zero.")

@@ -3,13 +3,18 @@
 ``model.kernels: liger`` swaps these modules of an already loaded Qwen-VL model for Liger's fused
 versions (the element-wise work that the profiles in bench/results show taking ~40% of GPU time,
 and whose unfused intermediates take activation memory). The loss stays ours (logits only on the
-answer), so Liger's fused cross-entropy is not used. CUDA only; the default is ``none``.
+answer, chunked), so Liger's fused cross-entropy is not used. CUDA only.
+
+The default, ``auto``, uses Liger where it can (a CUDA GPU, a supported family, the package
+installed) and says so; else it trains without, and says how to get it.
 
 Liger's rotary patch replaces a function of the transformers module, so it applies to every model
 of that family in the process from then on.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -22,12 +27,29 @@ LIGER_PATCHES = {
 }
 
 
+def resolve_kernels(kernels: str, model: torch.nn.Module) -> tuple[str, str]:
+    """``auto`` -> ``liger`` or ``none`` for this machine and model, with the reason in words."""
+    if kernels != "auto":
+        return kernels, "asked for"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not torch.cuda.is_available():
+        return "none", "no CUDA GPU"
+    if model_type not in LIGER_PATCHES:
+        return "none", f"no Liger kernels for {model_type!r}"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "none", "liger-kernel is not installed (pip install 'qwenvl-tune[kernels]': ~20% less activation memory)"
+    return "liger", "CUDA GPU and liger-kernel found"
+
+
 def apply_kernels(model: torch.nn.Module, kernels: str) -> bool:
     """Patch ``model`` (before adapters are attached) with the chosen kernels. Returns whether it did."""
+    if kernels == "auto":
+        kernels, why = resolve_kernels(kernels, model)
+        print(f"model.kernels=auto: {kernels} ({why})")
     if kernels == "none":
         return False
     if kernels != "liger":
-        raise ConfigError(f"model.kernels must be 'none' or 'liger', got {kernels!r}")
+        raise ConfigError(f"model.kernels must be 'auto', 'none' or 'liger', got {kernels!r}")
     if not torch.cuda.is_available():
         raise ConfigError("model.kernels=liger runs Triton kernels on a CUDA GPU; none is available here "
                           "(use model.kernels=none)")
