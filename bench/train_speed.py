@@ -118,9 +118,10 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool) -> list[Sample]
     return out
 
 
-def batches(samples: list[Sample], batch_size: int, sort: bool):
+def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to: int = 1):
+    """Collated batches, as the trainer's loader makes them; with ``cfg``, with the vision tower's index tensors."""
     from qwenvl_tune.data.collate import collate
-    from qwenvl_tune.modeling.positions import mrope_positions
+    from qwenvl_tune.modeling.positions import VisionIndex, mrope_positions
 
     order = list(range(len(samples)))
     if sort and batch_size > 1:
@@ -134,7 +135,8 @@ def batches(samples: list[Sample], batch_size: int, sort: bool):
                   "position_ids": mrope_positions(samples[i].input_ids, samples[i].grid, IMAGE, 2),
                   # newer transformers compute mrope positions only when told which tokens are image tokens
                   "mm_token_type_ids": (samples[i].input_ids == IMAGE).long()} for i in g]
-        b = collate(items, PAD, left=False)
+        b = collate(items, PAD, left=False, vision=VisionIndex.for_config(cfg) if cfg is not None else None,
+                    pad_to_multiple_of=pad_to)
         out.append(b)
     return out
 
@@ -195,15 +197,42 @@ def load_variant(v: dict, ckpt: str, cfg):
     return model, config
 
 
-def train_loss(model, batch, fast: bool, loader_positions: bool = True):
+def train_loss(model, batch, fast: bool, loader_index: bool = True, chunked: bool = True, keep_mask: bool = False):
     from qwenvl_tune.modeling.fast import answer_only_loss
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
     if fast:
-        if loader_positions:  # what the trainer does: rope position ids from the data loader
-            inputs["position_ids"] = batch["position_ids"]
-        return answer_only_loss(model, inputs, batch["labels"])
+        if not loader_index:  # the model works out every index itself (before 2026-11-27)
+            return answer_only_loss(model, inputs, batch["labels"], chunked=chunked)
+        # what the trainer does: rope positions, vision-tower indices and answer positions from the loader
+        inputs["position_ids"] = batch["position_ids"]
+        if not keep_mask:  # right padding under causal attention: the trainer drops the mask
+            inputs.pop("attention_mask")
+        inputs.update({k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs})
+        return answer_only_loss(model, inputs, batch["labels"], batch["answer_positions"], chunked=chunked)
     return model(**inputs, labels=batch["labels"]).loss
+
+
+def sync_audit(step) -> list[tuple[int, str]]:
+    """Run ``step`` with CUDA's sync debug mode on: every operation that makes the host wait for the GPU warns;
+    returns (count, python call site) pairs, most frequent first."""
+    import collections
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.set_sync_debug_mode(0)
+            sync()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    return [(n, site) for site, n in sites.most_common()]
 
 
 def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warmup: int) -> dict:
@@ -214,7 +243,9 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     bs = v["batch"]
-    data = batches(samples, bs, sort=v.get("sort", True))
+    index = v["fast"] and v.get("loader_index", True)
+    pad_to = v.get("pad_to", 1)  # the trainer does not round lengths (the _pad64/_pad128 variants measured it)
+    data = batches(samples, bs, sort=v.get("sort", True), cfg=cfg if index else None, pad_to=pad_to)
     accum = max(1, 8 // bs)
     autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True) and CUDA)
 
@@ -222,7 +253,7 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
         b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
         with autocast:
-            loss = train_loss(model, b, v["fast"], v.get("loader_positions", True)) / accum
+            loss = train_loss(model, b, v["fast"], index, v.get("chunked", True), v.get("keep_mask", False)) / accum
         loss.backward()
         if (i + 1) % accum == 0:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,6 +264,12 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     for i in range(warmup):
         step(i)
     sync()
+    audit = None
+    if v.get("sync_audit") and CUDA:
+        audit = sync_audit(lambda: step(warmup - 1))
+        print(f"SYNCS {v['name']}: {sum(n for n, _ in audit)} in one micro-step", flush=True)
+        for n, site in audit[:15]:
+            print(f"  {n:4d}  {site}", flush=True)
     if v.get("profile"):
         from torch.profiler import ProfilerActivity, profile
 
@@ -257,9 +294,12 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     sync()
     dt = time.perf_counter() - t0
     sample_flops = sum(flops_per_sample(cfg, s, v["method"]) for s in samples) / len(samples)
-    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "samples_per_s": n_samples / dt,
+    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "pad_to_multiple_of": pad_to, "samples_per_s": n_samples / dt,
            "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
            "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
+    if audit is not None:
+        res["host_syncs_per_micro_step"] = sum(n for n, _ in audit)
+        res["host_sync_sites"] = [f"{n} {site}" for n, site in audit]
     del model, opt, params
     free()
     return res
@@ -278,7 +318,7 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
         model, _ = load_variant({"method": "lora", "fast": fast}, ckpt, cfg)
         if dtype == torch.float32:
             model.float()
-        b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False)[0].items()}
+        b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False, cfg=cfg)[0].items()}
         b["pixel_values"] = b["pixel_values"].to(dtype)
         with torch.autocast(DEV, dtype=torch.bfloat16, enabled=CUDA and dtype != torch.float32):
             loss = train_loss(model, b, fast)
@@ -304,8 +344,20 @@ VARIANTS = [
     {"name": "guide_lora_bf16", "method": "lora", "fast": False, "batch": 1, "autocast": False,
      "desc": "guide: bf16 LoRA r=8 q/v, sdpa, batch 1"},
     {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
-    {"name": "ours_lora_b1_model_positions", "method": "lora", "fast": True, "batch": 1, "loader_positions": False,
-     "desc": "qwenvl-tune lora, batch 1, rope positions computed by the model each step (before 2026-11-27)"},
+    {"name": "ours_lora_b1_model_index", "method": "lora", "fast": True, "batch": 1, "loader_index": False,
+     "desc": "qwenvl-tune lora, batch 1, rope/vision indices computed by the model each step (before 2026-11-27)"},
+    {"name": "ours_lora_b1_unchunked", "method": "lora", "fast": True, "batch": 1, "chunked": False,
+     "desc": "qwenvl-tune lora, batch 1, all answer logits at once (before 2026-11-27)"},
+    {"name": "ours_lora_b2_masked", "method": "lora", "fast": True, "batch": 2, "keep_mask": True,
+     "desc": "qwenvl-tune lora, batch 2 length-grouped, padding mask kept (before 2026-11-27)"},
+    {"name": "ours_lora_b2_unchunked", "method": "lora", "fast": True, "batch": 2, "chunked": False,
+     "desc": "qwenvl-tune lora, batch 2 length-grouped, all answer logits at once (before 2026-11-27)"},
+    {"name": "ours_lora_b1_pad64", "method": "lora", "fast": True, "batch": 1, "pad_to": 64,
+     "desc": "qwenvl-tune lora, batch 1, length rounded up to a multiple of 64"},
+    {"name": "ours_lora_b1_pad128", "method": "lora", "fast": True, "batch": 1, "pad_to": 128,
+     "desc": "qwenvl-tune lora, batch 1, length rounded up to a multiple of 128"},
+    {"name": "ours_lora_b2_pad64", "method": "lora", "fast": True, "batch": 2, "pad_to": 64,
+     "desc": "qwenvl-tune lora, batch 2 length-grouped, length rounded up to a multiple of 64"},
     {"name": "ours_lora_b4", "method": "lora", "fast": True, "batch": 4, "desc": "qwenvl-tune lora, batch 4 length-grouped"},
     {"name": "ours_lora_b2", "method": "lora", "fast": True, "batch": 2, "desc": "qwenvl-tune lora, batch 2 length-grouped"},
     {"name": "ours_qlora_b1", "method": "qlora", "fast": True, "batch": 1, "desc": "qwenvl-tune qlora, batch 1"},
@@ -321,6 +373,10 @@ VARIANTS = [
      "desc": "qwenvl-tune lora + liger kernels, batch 1"},
     {"name": "ours_lora_b2_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped"},
+    {"name": "ours_qlora_b2_liger", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
+    {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
+     "desc": "qwenvl-tune lora + liger kernels, batch 4 length-grouped"},
     {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]
@@ -336,6 +392,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--no-numerics", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
+    ap.add_argument("--sync-audit", action="store_true",
+                    help="count the host-GPU synchronisations of one micro-step per variant, by call site")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,7 +417,7 @@ def main() -> int:
     free()
     print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
-    chosen = [{**v, "profile": args.profile} for v in chosen]
+    chosen = [{**v, "profile": args.profile, "sync_audit": args.sync_audit} for v in chosen]
     results = {"env": info, "variants": []}
     if not args.no_numerics:
         try:
