@@ -129,3 +129,17 @@ def test_final_weights_are_validated_inside_fit(ending, tiny_dir, sample_data, t
     val_steps = sorted({int(r["step"]) for r in rows if r.get("val/field_f1")})
     train_steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert val_steps and val_steps[-1] >= train_steps[-1]
+
+
+@pytest.mark.parametrize("cuda, accelerator, pinned", [(True, "auto", True), (True, "cpu", False), (False, "auto", False)])
+def test_training_batches_are_pinned_for_a_gpu(cuda, accelerator, pinned, tiny_dir, sample_data, tmp_path, monkeypatch):
+    """Page-locked training batches when they go to a GPU (the copy then does not block the process)."""
+    from qwenvl_tune.data.check import check_split as check
+    from qwenvl_tune.training import run
+
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"train.accelerator": accelerator}))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    train_loader, val_loader = run._setup_loaders(cfg, proc, check(sample_data, "train"), check(sample_data, "valid"))
+    assert train_loader.pin_memory is pinned
+    assert train_loader.collate_fn.vision is not None  # the fast path's loader-side vision indices

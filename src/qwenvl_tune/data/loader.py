@@ -72,11 +72,15 @@ class EpochBatchSampler(Sampler[list[int]]):
 class ResumableLoader(DataLoader):
     """DataLoader over an ``EpochBatchSampler`` with Lightning's stateful-loader interface."""
 
-    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, collate_fn: Any, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, collate_fn: Any, num_workers: int = 0,
+                 pin_memory: bool = False):
         # A private generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout masks would drift from the uninterrupted run's.
+        # pin_memory: page-locked batches, so the copy to the GPU does not block the training process
+        # (+8.5% samples/s at batch 2 on an H100, bench/results/train_speed_3b_pinned.json).
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-                         persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed))
+                         persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed),
+                         pin_memory=pin_memory)
         self._sampler = sampler
         self.completed = 0
 

@@ -248,7 +248,8 @@ def _setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Sp
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
-                                   TrainCollator(enc.pad_id, vision), num_workers=d.num_workers)
+                                   TrainCollator(enc.pad_id, vision), num_workers=d.num_workers,
+                                   pin_memory=torch.cuda.is_available() and t.accelerator != "cpu")
     val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", d.max_image_pixels)),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)
