@@ -165,6 +165,8 @@ def load_variant(v: dict, ckpt: str, cfg):
     from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
 
     prefer_flash_sdpa(v["fast"])  # the guide's variants keep PyTorch's default backends
+    if CUDA:  # process-wide: set for every variant, so one that asks for cuBLASLt does not leak into the next
+        torch.backends.cuda.preferred_blas_library(v.get("blas", "cublas"))
 
     overrides = {"model.name_or_path": ckpt, "model.method": v["method"], "model.fast_path": v["fast"],
                  "model.gradient_checkpointing": v.get("gc", False), "model.kernels": v.get("kernels", "none")}
@@ -246,6 +248,9 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     index = v["fast"] and v.get("loader_index", True)
     pad_to = v.get("pad_to", 1)  # the trainer does not round lengths (the _pad64/_pad128 variants measured it)
     data = batches(samples, bs, sort=v.get("sort", True), cfg=cfg if index else None, pad_to=pad_to)
+    pinned = v.get("pin", v["fast"]) and CUDA  # the trainer pins its batches (since 2026-11-27); the guide does not
+    if pinned:  # what a DataLoader with pin_memory=True hands over: page-locked batches
+        data = [{k: (t.pin_memory() if torch.is_tensor(t) else t) for k, t in b.items()} for b in data]
     accum = max(1, 8 // bs)
     autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True) and CUDA)
 
@@ -294,7 +299,7 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     sync()
     dt = time.perf_counter() - t0
     sample_flops = sum(flops_per_sample(cfg, s, v["method"]) for s in samples) / len(samples)
-    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "pad_to_multiple_of": pad_to, "samples_per_s": n_samples / dt,
+    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "pad_to_multiple_of": pad_to, "pinned": pinned, "samples_per_s": n_samples / dt,
            "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
            "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
     if audit is not None:
@@ -377,6 +382,10 @@ VARIANTS = [
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 4 length-grouped"},
+    {"name": "ours_lora_b2_liger_pageable", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pin": False,
+     "desc": "qwenvl-tune lora + liger, batch 2, batches in pageable memory (before 2026-11-27)"},
+    {"name": "ours_lora_b2_liger_cublaslt", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "blas": "cublaslt", "desc": "qwenvl-tune lora + liger, batch 2, cuBLASLt preferred"},
     {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]
