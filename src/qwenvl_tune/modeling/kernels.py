@@ -37,7 +37,7 @@ def resolve_kernels(kernels: str, model: torch.nn.Module) -> tuple[str, str]:
     if model_type not in LIGER_PATCHES:
         return "none", f"no Liger kernels for {model_type!r}"
     if importlib.util.find_spec("liger_kernel") is None:
-        return "none", "liger-kernel is not installed (pip install 'qwenvl-tune[kernels]': ~20% less activation memory)"
+        return "none", "liger-kernel is not installed; pip install 'qwenvl-tune[kernels]' for it (3B, batch 2: 3.7 GiB less memory)"
     return "liger", "CUDA GPU and liger-kernel found"
 
 

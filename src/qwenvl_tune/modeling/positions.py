@@ -16,6 +16,7 @@ computes them differently.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from typing import Any
@@ -110,13 +111,11 @@ class VisionIndex:
     Built only where the installed transformers' tower reads them (else ``for_config`` is None).
     """
 
-    def __init__(self, family: str, spatial_merge_size: int, window_size: int | None, patch_size: int):
-        self.family, self.merge, self.window_size, self.patch_size = family, spatial_merge_size, window_size, patch_size
+    def __init__(self, spatial_merge_size: int, window_size: int | None, patch_size: int):
+        self.merge, self.window_size, self.patch_size = spatial_merge_size, window_size, patch_size
 
     @classmethod
     def for_config(cls, config: Any) -> "VisionIndex | None":
-        import importlib
-
         family = getattr(config, "model_type", None)
         vision = getattr(config, "vision_config", None)
         if family not in _VISION_HELPERS or vision is None:
@@ -128,7 +127,7 @@ class VisionIndex:
         if not all(hasattr(modeling, name) for name in _VISION_HELPERS[family]):
             return None  # this release's tower computes them itself and would not read ours
         window = getattr(vision, "window_size", None) if family == "qwen2_5_vl" else None
-        return cls(family, vision.spatial_merge_size, window, vision.patch_size)
+        return cls(vision.spatial_merge_size, window, vision.patch_size)
 
     def __call__(self, image_grid_thw: torch.Tensor) -> dict[str, Any]:
         from transformers import vision_utils as vu
