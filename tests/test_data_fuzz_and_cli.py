@@ -111,3 +111,13 @@ def test_keys_never_seen_in_train_are_reported(tmp_path, tiny_dir, capsys):
     write_split(tmp_path / "D" / "valid", [{"image": "a.png", "prefix": "p", "suffix": {"total": "1", "tax": "2"}}], img)
     main(["check", str(tmp_path / "D"), "--model", str(tiny_dir)])
     assert "keys never seen in train: tax" in capsys.readouterr().out
+
+
+def test_train_help_names_each_option_type_plainly(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for shown in ("--model.kernels {auto,none,liger}", "--train.batch_size INT", "--train.lr FLOAT",
+                  "--model.fast_path BOOL", "--lora.target_modules LIST", "--data.system_message TEXT"):
+        assert shown in out, shown
+    assert "<class" not in out and "Literal[" not in out

@@ -23,6 +23,22 @@ ALIASES = {"data": "data.path", "model": "model.name_or_path", "method": "model.
            "output-dir": "run.output_dir", "skip-invalid": "data.skip_invalid"}
 
 
+def _metavar(tp: Any) -> str:
+    """How a config field's type reads in --help: {a,b} for choices, INT, FLOAT, BOOL, TEXT, LIST."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _metavar(inner[0]) if len(inner) == 1 else "VALUE"
+    if origin is list:
+        return "LIST"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML preset (see configs/); dotted options below override it.")
     for alias, dest in ALIASES.items():
@@ -33,7 +49,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         section = name.split(".")[0]
         g = groups.setdefault(section, p.add_argument_group(f"{section} options"))
         default = f.default if f.default is not __import__("dataclasses").MISSING else f.default_factory()
-        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=str(tp).replace("typing.", ""),
+        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
                        help=f"{f.metadata.get('help', '')} (default: {default!r})")
 
 
