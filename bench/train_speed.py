@@ -128,6 +128,7 @@ def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to
         # length-grouped batches (what the trainer's sampler does): little padding
         order.sort(key=lambda i: len(samples[i].input_ids))
     groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    vision = VisionIndex.for_config(cfg) if cfg is not None else None
     out = []
     for g in groups:
         items = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels,
@@ -135,9 +136,7 @@ def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to
                   "position_ids": mrope_positions(samples[i].input_ids, samples[i].grid, IMAGE, 2),
                   # newer transformers compute mrope positions only when told which tokens are image tokens
                   "mm_token_type_ids": (samples[i].input_ids == IMAGE).long()} for i in g]
-        b = collate(items, PAD, left=False, vision=VisionIndex.for_config(cfg) if cfg is not None else None,
-                    pad_to_multiple_of=pad_to)
-        out.append(b)
+        out.append(collate(items, PAD, left=False, vision=vision, pad_to_multiple_of=pad_to))
     return out
 
 
@@ -200,17 +199,16 @@ def load_variant(v: dict, ckpt: str, cfg):
 
 
 def train_loss(model, batch, fast: bool, loader_index: bool = True, chunked: bool = True, keep_mask: bool = False):
-    from qwenvl_tune.modeling.fast import answer_only_loss
+    from qwenvl_tune.modeling.fast import answer_only_loss, with_loader_indices
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
     if fast:
         if not loader_index:  # the model works out every index itself (before 2026-11-27)
             return answer_only_loss(model, inputs, batch["labels"], chunked=chunked)
         # what the trainer does: rope positions, vision-tower indices and answer positions from the loader
-        inputs["position_ids"] = batch["position_ids"]
-        if not keep_mask:  # right padding under causal attention: the trainer drops the mask
-            inputs.pop("attention_mask")
-        inputs.update({k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs})
+        inputs = with_loader_indices(inputs, batch)
+        if keep_mask:  # the padding mask the trainer drops, for the before/after comparison
+            inputs["attention_mask"] = batch["attention_mask"]
         return answer_only_loss(model, inputs, batch["labels"], batch["answer_positions"], chunked=chunked)
     return model(**inputs, labels=batch["labels"]).loss
 

@@ -99,6 +99,23 @@ def prefer_flash_sdpa(enabled: bool = True) -> None:
         torch.backends.cuda.enable_cudnn_sdp(not enabled)
 
 
+def with_loader_indices(inputs: dict[str, Any], batch: dict[str, Any], positions: bool = True) -> dict[str, Any]:
+    """The model inputs plus what the data loader precomputed: the vision tower's ``image_*`` index
+    tensors and, with ``positions``, the rope position ids.
+
+    With the position ids the padding mask is dropped: training batches are right-padded, and
+    causal attention never looks past a sample's last token, so the mask changes nothing for real
+    tokens (padding carries no label). Without it the language model runs plain causal flash
+    attention instead of a masked kernel, and builds no mask. (Without the loader's ids the model
+    derives rope positions from the mask, so it stays.)
+    """
+    out = {**inputs, **{k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs}}
+    if positions and "position_ids" in batch:
+        out["position_ids"] = batch["position_ids"]
+        out.pop("attention_mask", None)
+    return out
+
+
 # Rows of the language-model head computed at once by ``answer_only_loss``: 256 answer positions of a
 # 152k vocabulary are 150 MB of float32 logits, instead of several GB for a whole batch.
 LOSS_CHUNK = 256

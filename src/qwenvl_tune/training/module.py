@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config
 from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
-from ..modeling.fast import answer_only_loss
+from ..modeling.fast import answer_only_loss, with_loader_indices
 from ..modeling.positions import PositionCheck
 from ..inference.generate import MODEL_INPUTS, generate_batch, stop_token_ids
 from .distributed import is_fsdp
@@ -60,15 +60,9 @@ class FineTuneModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         if self.config.model.fast_path:
-            if "position_ids" in batch and self._positions.usable(self.model, batch):
-                inputs["position_ids"] = batch["position_ids"]  # the model skips its own rope-index pass
-                # Training batches are right-padded: causal attention never looks past a sample's last
-                # token, so the padding mask changes nothing for real tokens (padding carries no label).
-                # Without it the language model runs plain causal flash attention instead of a masked
-                # kernel, and builds no mask.
-                inputs.pop("attention_mask", None)
-            # the vision tower's index tensors, when the loader computed them (VisionIndex)
-            inputs.update({k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs})
+            # the loader's rope ids (checked once against the model's own) and vision-tower indices
+            positions = "position_ids" in batch and self._positions.usable(self.model, batch)
+            inputs = with_loader_indices(inputs, batch, positions)
             loss = answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
                                     chunked=not (self._trainer is not None and is_fsdp(self._trainer)))
         else:
