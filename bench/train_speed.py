@@ -64,7 +64,7 @@ def model_config(size: str):
     if size == "tiny":
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[1])
         section = [2, 3, 3]
     else:
@@ -128,6 +128,9 @@ def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to
         # length-grouped batches (what the trainer's sampler does): little padding
         order.sort(key=lambda i: len(samples[i].input_ids))
     groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    # in random order, as the trainer's sampler hands out its length groups: a run of N steps sees a
+    # sample of the lengths, not the N shortest batches (which understated peak memory until 2026-11-27 evening)
+    random.Random(1).shuffle(groups)
     vision = VisionIndex.for_config(cfg) if cfg is not None else None
     out = []
     for g in groups:
@@ -181,7 +184,22 @@ def load_variant(v: dict, ckpt: str, cfg):
                                                             device_map={"": 0}, attn_implementation="sdpa")
     else:
         model = load_base_model(config.model)
-    model = prepare_for_training(model, config)
+    if v.get("align", True):
+        model = prepare_for_training(model, config)
+    else:  # the vision MLP at its published, unaligned width (before 2026-11-27 evening)
+        import qwenvl_tune.modeling.fast as fast
+
+        align, fast.align_vision_mlp = fast.align_vision_mlp, lambda model, multiple=0: 0
+        try:
+            model = prepare_for_training(model, config)
+        finally:
+            fast.align_vision_mlp = align
+    if v.get("lora_input_cast") is False:  # candidate: LoRA branches take the bf16 input as it is, under autocast
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False
     if not v["method"] == "qlora":
         model.to(DEV)
     if v.get("compile"):
@@ -384,9 +402,42 @@ VARIANTS = [
      "desc": "qwenvl-tune lora + liger, batch 2, batches in pageable memory (before 2026-11-27)"},
     {"name": "ours_lora_b2_liger_cublaslt", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "blas": "cublaslt", "desc": "qwenvl-tune lora + liger, batch 2, cuBLASLt preferred"},
+    {"name": "ours_lora_b2_liger_unaligned", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "align": False, "desc": "qwenvl-tune lora + liger, batch 2, vision MLP at 3420 wide, unaligned (before 2026-11-27 evening)"},
+    {"name": "ours_qlora_b2_liger_unaligned", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "align": False, "desc": "qwenvl-tune qlora + liger, batch 2, vision MLP at 3420 wide, unaligned (before 2026-11-27 evening)"},
+    {"name": "ours_lora_b4_liger_unaligned", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
+     "align": False, "desc": "qwenvl-tune lora + liger, batch 4, vision MLP at 3420 wide, unaligned (before 2026-11-27 evening)"},
+    {"name": "ours_lora_b2_liger_nocast", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "lora_input_cast": False, "desc": "qwenvl-tune lora + liger, batch 2, LoRA input not cast to float32"},
+    {"name": "ours_qlora_b2_liger_nocast", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "lora_input_cast": False, "desc": "qwenvl-tune qlora + liger, batch 2, LoRA input not cast to float32"},
     {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]
+
+
+def summary_table(rows: list[dict], base: dict | None, size: str) -> str:
+    """One line per variant; with several rounds, the median samples/s and its range over the rounds."""
+    import statistics
+
+    lines = [f"| variant ({size}) | batch | samples/s | range over rounds | tokens/s | peak GiB | model TFLOP/s | x guide |",
+             "|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for name in names:
+        runs = [r for r in rows if r["name"] == name and "error" not in r]
+        if not runs:
+            err = next(r for r in rows if r["name"] == name)
+            lines.append(f"| {err['desc']} | | error: {err['error'][:80]} | | | | | |")
+            continue
+        sps = sorted(r["samples_per_s"] for r in runs)
+        mid = statistics.median(sps)
+        r = runs[0]
+        spread = f"{sps[0]:.2f}-{sps[-1]:.2f} ({len(sps)})" if len(sps) > 1 else ""
+        ratio = mid / base["samples_per_s"] if base else float("nan")
+        lines.append(f"| {r['desc']} | {r['batch']} | {mid:.2f} | {spread} | {statistics.median(x['tokens_per_s'] for x in runs):.0f} | "
+                     f"{max(x['peak_gib'] for x in runs):.1f} | {statistics.median(x['tflops'] for x in runs):.0f} | {ratio:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -401,6 +452,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     ap.add_argument("--sync-audit", action="store_true",
                     help="count the host-GPU synchronisations of one micro-step per variant, by call site")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the chosen variants this many rounds, interleaved (A B A B ...); the table gives each "
+                         "variant's median and range, so run-to-run drift is visible and shared")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,6 +479,10 @@ def main() -> int:
     print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
     chosen = [{**v, "profile": args.profile, "sync_audit": args.sync_audit} for v in chosen]
+    if args.repeat > 1 and len({v.get("kernels", "none") for v in chosen}) > 1:
+        # Liger patches classes process-wide: a later round's plain variants would run patched.
+        ap.error("--repeat needs variants that all use the same model.kernels")
+    chosen = [{**v, "round": r} for r in range(args.repeat) for v in chosen]
     results = {"env": info, "variants": []}
     if not args.no_numerics:
         try:
@@ -435,7 +493,7 @@ def main() -> int:
             traceback.print_exc()
     for v in chosen:
         try:
-            r = run_variant(v, ckpt, cfg, samples, args.steps, args.warmup)
+            r = {**run_variant(v, ckpt, cfg, samples, args.steps, args.warmup), "round": v["round"]}
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
             traceback.print_exc()
             r = {"name": v["name"], "desc": v["desc"], "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -444,16 +502,7 @@ def main() -> int:
         print(json.dumps(r), flush=True)
         (out / f"train_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
     base = next((r for r in results["variants"] if r["name"] == "guide_qlora_as_written" and "error" not in r), None)
-    lines = [f"| variant ({args.size}) | batch | samples/s | tokens/s | peak GiB | model TFLOP/s | x guide |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results["variants"]:
-        if "error" in r:
-            lines.append(f"| {r['desc']} | | error: {r['error'][:80]} | | | | |")
-            continue
-        ratio = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
-        lines.append(f"| {r['desc']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_gib']:.1f} | {r['tflops']:.0f} | {ratio:.2f} |")
-    table = "\n".join(lines)
+    table = summary_table(results["variants"], base, args.size)
     (out / f"train_speed_{args.size}.md").write_text(f"# Training speed, {args.size}\n\n{json.dumps(info)}\n\n{table}\n")
     print(table)
     return 0

@@ -85,3 +85,88 @@ def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path, monkeypatch, chunk
     assert grads.keys() == whole_grads.keys() and grads
     for n in grads:
         assert torch.allclose(grads[n], whole_grads[n], rtol=1e-5, atol=1e-7), n
+
+
+def _vision_mlps(model):
+    return [m for m in fast.vision_tower(model).modules() if hasattr(m, "down_proj")]
+
+
+def test_aligned_vision_mlp_computes_the_published_model(tiny_dir, tmp_path):
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    batch = _batch(proc)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    model = load_base_model(cfg.model)
+    published = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    # the tiny tower's MLP is 32 -> 60 -> 32, unaligned like the real 1280 -> 3420 -> 1280
+    assert [m.down_proj.in_features for m in _vision_mlps(model)] == [60, 60]
+
+    assert fast.align_vision_mlp(model) == 2
+    assert fast.align_vision_mlp(model) == 0  # already aligned
+    for m in _vision_mlps(model):
+        assert m.gate_proj.weight.shape == m.up_proj.weight.shape == (64, 32) and m.down_proj.weight.shape == (32, 64)
+        assert not m.gate_proj.weight[60:].any() and not m.down_proj.weight[:, 60:].any()
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+
+    # the state dict keeps the published shapes and values, and loads back in
+    state = model.state_dict()
+    assert state.keys() == published.keys()
+    for k in published:
+        assert torch.equal(state[k], published[k]), k
+    model.load_state_dict(published)
+    assert _vision_mlps(model)[0].down_proj.weight.shape == (32, 64)
+    # a checkpoint saved from the padded model is the published architecture
+    model.save_pretrained(tmp_path / "saved")
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert _vision_mlps(reloaded)[0].down_proj.weight.shape == (32, 60)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, before, atol=1e-5, rtol=1e-5)
+
+    # if the tower is trained, the extra units get exactly zero gradient, so they stay zero
+    for p in fast.vision_tower(model).parameters():
+        p.requires_grad_(True)
+    model(**inputs).logits.square().mean().backward()
+    mlp = _vision_mlps(model)[0]
+    assert mlp.gate_proj.weight.grad[:60].abs().sum() > 0
+    assert not mlp.gate_proj.weight.grad[60:].any() and not mlp.up_proj.bias.grad[60:].any()
+    assert not mlp.down_proj.weight.grad[:, 60:].any()
+
+
+def test_align_vision_mlp_leaves_aligned_towers_and_other_activations(tiny_family):
+    for family in ("qwen2_vl", "qwen3_vl"):  # published widths 5120 and 4304 are aligned; so are the tiny ones
+        cfg = build_config(None, {"model.name_or_path": str(tiny_family(family)), "model.dtype": "float32"})
+        model = load_base_model(cfg.model)
+        assert fast.vision_tower(model) is not None
+        assert fast.align_vision_mlp(model) == 0
+
+    class Mlp(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.fc1, self.fc2, self.act = torch.nn.Linear(4, 6), torch.nn.Linear(6, 4), act
+
+    class Model(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.visual = torch.nn.Sequential(Mlp(act))
+
+    assert fast.align_vision_mlp(Model(torch.nn.GELU())) == 1
+    assert fast.align_vision_mlp(Model(torch.nn.Sigmoid())) == 0  # sigmoid(0) = 0.5: padding would change the output
+
+
+@pytest.mark.parametrize("overrides,aligned", [
+    ({}, True),
+    ({"model.fast_path": False}, False),
+    ({"model.train_vision": True}, False),
+    ({"train.strategy": "fsdp"}, False),
+])
+def test_training_aligns_the_frozen_tower_on_the_fast_path(tiny_dir, tmp_path, overrides, aligned):
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **overrides))
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    widths = {m.down_proj.in_features for m in _vision_mlps(model)}
+    assert widths == ({64} if aligned else {60})

@@ -89,11 +89,9 @@ def quantization_config(cfg: ModelConfig):
 
 def vision_module_names(model: torch.nn.Module) -> set[str]:
     """Qualified names of every module inside the vision tower (and its merger)."""
-    tower = None
-    for owner in (getattr(model, "model", None), model):
-        if owner is not None and hasattr(owner, "visual"):
-            tower = owner.visual
-            break
+    from .fast import vision_tower
+
+    tower = vision_tower(model)
     if tower is None:
         return set()
     ids = {id(m) for m in tower.modules()}
@@ -139,9 +137,13 @@ def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Mod
 
     apply_kernels(model, mcfg.kernels)
     if mcfg.fast_path:
-        from .fast import enable_fast_vision_attention
+        from .fast import align_vision_mlp, enable_fast_vision_attention
 
         enable_fast_vision_attention(model)
+        # A trained tower keeps its published shapes (adapters on it, optimizer state); FSDP shards
+        # parameters after this point and gathers its own state dicts, so it keeps them too.
+        if not mcfg.train_vision and config.train.strategy != "fsdp":
+            align_vision_mlp(model)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -180,6 +182,7 @@ def load_for_inference(run_dir: str | Path, which: str = "best", config: Config 
         (model, processor, config) with the model in eval mode.
     """
     from ..training.checkpoints import read_run_config
+    from .fast import align_vision_mlp
 
     run_dir = Path(run_dir)
     config = config or read_run_config(run_dir)
@@ -197,10 +200,13 @@ def load_for_inference(run_dir: str | Path, which: str = "best", config: Config 
 
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=DTYPES[dtype_cfg.dtype],
                                                             attn_implementation=dtype_cfg.attn_implementation)
+        align_vision_mlp(model)
     else:
         # Adapters are applied to a non-quantised base for inference: QLoRA runs too, so
         # predictions match what a merged export gives.
         model = load_base_model(dtype_cfg, quantize=False)
+        if base_only or not config.model.train_vision:  # adapters on the tower need its published shapes
+            align_vision_mlp(model)
         if not base_only:
             from peft import PeftModel
 
