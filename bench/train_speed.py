@@ -194,12 +194,12 @@ def load_variant(v: dict, ckpt: str, cfg):
             model = prepare_for_training(model, config)
         finally:
             fast.align_vision_mlp = align
-    if v.get("lora_input_cast") is False:  # candidate: LoRA branches take the bf16 input as it is, under autocast
+    if v.get("lora_input_cast"):  # PEFT's default: each LoRA input copied to float32 (before 2026-11-27 evening)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):
-                m.cast_input_dtype_enabled = False
+                m.cast_input_dtype_enabled = True
     if not v["method"] == "qlora":
         model.to(DEV)
     if v.get("compile"):
@@ -408,10 +408,9 @@ VARIANTS = [
      "align": False, "desc": "qwenvl-tune qlora + liger, batch 2, vision MLP at 3420 wide, unaligned (before 2026-11-27 evening)"},
     {"name": "ours_lora_b4_liger_unaligned", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
      "align": False, "desc": "qwenvl-tune lora + liger, batch 4, vision MLP at 3420 wide, unaligned (before 2026-11-27 evening)"},
-    {"name": "ours_lora_b2_liger_nocast", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "lora_input_cast": False, "desc": "qwenvl-tune lora + liger, batch 2, LoRA input not cast to float32"},
-    {"name": "ours_qlora_b2_liger_nocast", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
-     "lora_input_cast": False, "desc": "qwenvl-tune qlora + liger, batch 2, LoRA input not cast to float32"},
+    {"name": "ours_lora_b2_liger_fp32cast", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "lora_input_cast": True,
+     "desc": "qwenvl-tune lora + liger, batch 2, LoRA input copied to float32 (before 2026-11-27 evening)"},
     {"name": "ours_qlora_b1_liger", "method": "qlora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 1"},
 ]

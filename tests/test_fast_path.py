@@ -170,3 +170,34 @@ def test_training_aligns_the_frozen_tower_on_the_fast_path(tiny_dir, tmp_path, o
     model = prepare_for_training(load_base_model(cfg.model), cfg)
     widths = {m.down_proj.in_features for m in _vision_mlps(model)}
     assert widths == ({64} if aligned else {60})
+
+
+def test_lora_branches_take_bf16_input_under_autocast(tiny_dir, tmp_path):
+    """Under mixed precision the LoRA input is not copied to float32 (autocast would cast it straight back);
+    loss and gradients are those of PEFT's casting path."""
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{
+            "model.dtype": "bfloat16", "train.precision": precision, "lora.dropout": 0.0}))
+        proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+        torch.manual_seed(0)
+        model = prepare_for_training(load_base_model(cfg.model), cfg)
+        seen = []
+        for name, m in model.named_modules():
+            if name.endswith("lora_A.default"):
+                m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        batch = _batch(proc)
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fast.answer_only_loss(model, inputs, batch["labels"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[precision] = (loss.detach(), grads, set(seen))
+    (l0, g0, seen0), (l1, g1, seen1) = results["32-true"], results["bf16-mixed"]
+    assert seen0 == {torch.float32} and seen1 == {torch.bfloat16}
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        assert g0[n].dtype == torch.float32  # the adapters' master weights stay float32
+        assert torch.equal(g0[n], g1[n]), n

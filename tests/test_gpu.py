@@ -106,7 +106,8 @@ def test_liger_kernels_match_plain_loss_and_lora_grads(tiny_dir, monkeypatch):
                                   "lora.dropout": 0.0, "lora.target_modules": "all-linear", "model.kernels": kernels})
         torch.manual_seed(0)
         model = prepare_for_training(load_base_model(cfg.model), cfg).cuda()
-        loss = answer_only_loss(model, inputs, labels)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the trainer runs it (train.precision=bf16-mixed)
+            loss = answer_only_loss(model, inputs, labels)
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
         return float(loss), grads

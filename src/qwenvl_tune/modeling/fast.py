@@ -188,6 +188,28 @@ def _keep_published_shapes(mlp: torch.nn.Module, ins: list[str], out: str, width
     mlp.register_load_state_dict_pre_hook(pad)
 
 
+def uses_autocast(precision: str) -> bool:
+    """Whether a Lightning precision setting runs the model under autocast."""
+    return str(precision).endswith("-mixed") or str(precision) in ("16", "bf16")
+
+
+def lora_inputs_in_compute_dtype(model: torch.nn.Module) -> int:
+    """Let each LoRA branch take its input as it comes (bf16), for training under autocast.
+
+    PEFT casts a LoRA layer's input to the adapter weights' dtype (float32, their master copy),
+    and autocast casts it straight back to bf16 for the product: full-size casts, forward and
+    backward, in every adapted layer, that change no value. (PEFT's bitsandbytes layers already
+    skip the cast under autocast.) Without autocast the dtypes would not match, so this is only
+    for mixed precision. Returns the number of LoRA layers changed.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def prefer_flash_sdpa(enabled: bool = True) -> None:
     """Leave the cuDNN backend out of scaled-dot-product attention (set once, at the training entry point).
 

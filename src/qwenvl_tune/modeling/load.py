@@ -156,6 +156,10 @@ def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Mod
                           target_modules=lora_targets(model, config.lora.target_modules, mcfg.train_vision),
                           bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
+        from .fast import lora_inputs_in_compute_dtype, uses_autocast
+
+        if mcfg.fast_path and uses_autocast(config.train.precision):
+            lora_inputs_in_compute_dtype(model)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
