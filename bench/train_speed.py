@@ -172,6 +172,8 @@ def load_variant(v: dict, ckpt: str, cfg):
 
     overrides = {"model.name_or_path": ckpt, "model.method": v["method"], "model.fast_path": v["fast"],
                  "model.gradient_checkpointing": v.get("gc", False), "model.kernels": v.get("kernels", "none")}
+    if "lora_dropout" in v:
+        overrides["lora.dropout"] = v["lora_dropout"]
     config = build_config(None, overrides)
     if v.get("guide_misspelled"):
         # The guide as written: bnb_4bit_compute_type is not a BitsAndBytesConfig argument, so it is
@@ -268,7 +270,7 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     if pinned:  # what a DataLoader with pin_memory=True hands over: page-locked batches
         data = [{k: (t.pin_memory() if torch.is_tensor(t) else t) for k, t in b.items()} for b in data]
     accum = max(1, 8 // bs)
-    autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True) and CUDA)
+    autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True))
 
     def step(i: int):
         b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
@@ -336,12 +338,14 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
     out, grads = {}, {}
     for name, (fast, dtype) in runs.items():
         torch.manual_seed(0)
-        model, _ = load_variant({"method": "lora", "fast": fast}, ckpt, cfg)
+        # no dropout: each path would draw its own masks (the fast path drops out its bf16 LoRA input,
+        # the plain path a float32 copy), and the comparison would measure the draw, not the arithmetic
+        model, _ = load_variant({"method": "lora", "fast": fast, "lora_dropout": 0.0}, ckpt, cfg)
         if dtype == torch.float32:
             model.float()
         b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False, cfg=cfg)[0].items()}
         b["pixel_values"] = b["pixel_values"].to(dtype)
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=CUDA and dtype != torch.float32):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype != torch.float32):
             loss = train_loss(model, b, fast)
         loss.backward()
         out[f"loss_{name}"] = float(loss.detach())
@@ -476,6 +480,7 @@ def main() -> int:
     del m
     free()
     print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
+    # --variants none: only the numerics check
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
     chosen = [{**v, "profile": args.profile, "sync_audit": args.sync_audit} for v in chosen]
     if args.repeat > 1 and len({v.get("kernels", "none") for v in chosen}) > 1:
@@ -490,6 +495,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             results["numerics"] = {"error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()
+        (out / f"train_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
     for v in chosen:
         try:
             r = {**run_variant(v, ckpt, cfg, samples, args.steps, args.warmup), "round": v["round"]}
