@@ -59,7 +59,7 @@ class ModelConfig:
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     kernels: Literal["auto", "none", "liger"] = _f("auto", "Fused Triton kernels (liger: RMSNorm, SwiGLU, rotary; CUDA only, pip install 'qwenvl-tune[kernels]'); auto: liger where available.")
-    fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, logits only on answer tokens.")
+    fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, Hopper-aligned vision MLP, bf16 LoRA inputs under autocast, logits only on answer tokens.")
 
 
 @dataclass
