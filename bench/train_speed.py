@@ -13,6 +13,7 @@ clipping 1.0, LoRA r=8 alpha=16 on q_proj/v_proj unless stated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -24,6 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 # Variable-size document batches fragment the caching allocator (cudaFree churn in the profile).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -186,21 +188,18 @@ def load_variant(v: dict, ckpt: str, cfg):
                                                             device_map={"": 0}, attn_implementation="sdpa")
     else:
         model = load_base_model(config.model)
-    if v.get("liger_rms_norm") is False:  # candidate: Liger's kernels except RMSNorm (its host cost per call)
-        import liger_kernel.transformers as liger
+    with contextlib.ExitStack() as patches:  # ablations of the fast path, undone once the model is prepared
+        if not v.get("align", True):  # the vision MLP at its published, unaligned width (before 2026-11-27 evening)
+            import qwenvl_tune.modeling.fast as fast
 
-        patch = liger.apply_liger_kernel_to_qwen2_5_vl
-        liger.apply_liger_kernel_to_qwen2_5_vl = lambda **kw: patch(**{**kw, "rms_norm": False})
-    if v.get("align", True):
+            patches.enter_context(mock.patch.object(fast, "align_vision_mlp", lambda model, multiple=0: 0))
+        if v.get("liger_rms_norm") is False:  # Liger's kernels except RMSNorm (its host cost per call)
+            import liger_kernel.transformers as liger
+
+            apply = liger.apply_liger_kernel_to_qwen2_5_vl
+            patches.enter_context(mock.patch.object(liger, "apply_liger_kernel_to_qwen2_5_vl",
+                                                    lambda **kw: apply(**{**kw, "rms_norm": False})))
         model = prepare_for_training(model, config)
-    else:  # the vision MLP at its published, unaligned width (before 2026-11-27 evening)
-        import qwenvl_tune.modeling.fast as fast
-
-        align, fast.align_vision_mlp = fast.align_vision_mlp, lambda model, multiple=0: 0
-        try:
-            model = prepare_for_training(model, config)
-        finally:
-            fast.align_vision_mlp = align
     if v.get("lora_input_cast"):  # PEFT's default: each LoRA input copied to float32 (before 2026-11-27 evening)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
