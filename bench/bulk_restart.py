@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--kill-at", type=float, default=0.5)
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bulk-bench-{os.getpid()}"

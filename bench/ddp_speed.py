@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--cleanup", action="store_true", help="delete each run folder once measured (large models)")
     ap.add_argument("--workers", type=int, default=4, help="data.num_workers per process")
     ap.add_argument("--skip", type=int, default=5, help="steps left out of the steady-state rate (start-up)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
     from qwenvl_tune.data.synthetic import write_dataset
 

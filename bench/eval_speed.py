@@ -1,6 +1,6 @@
 """How long evaluating 1,000 stored predictions takes on CPU, with no model (`evaluate --from-predictions`).
 
-    PYTHONPATH=src python bench/eval_speed.py --rows 1000 --out bench/results
+    PYTHONPATH=src python bench/eval_speed.py --rows 1000 --out bench/out
 
 Predictions are realistic manifests with typical model errors (wrong, missing and extra fields, reordered
 products, a few truncated outputs). Times the metrics alone and the whole set of outputs (predictions.jsonl,
@@ -40,7 +40,7 @@ def perturb(doc: dict, rng: random.Random) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000)
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     from qwenvl_tune.data.synthetic import make_manifest, render_manifest
     from qwenvl_tune.evaluation.report import score_rows, write_outputs

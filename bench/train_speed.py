@@ -1,7 +1,13 @@
 """Training-speed benchmark: the guide's recipe vs qwenvl-tune's paths, same batches, same GPU, same run.
 
-    PYTHONPATH=src python bench/train_speed.py --size 3b --out bench/results     # on an H100
-    PYTHONPATH=src python bench/train_speed.py --size tiny --steps 2              # CPU smoke test
+    PYTHONPATH=src python bench/train_speed.py --size 3b --out bench/out     # on an H100/H200
+    PYTHONPATH=src python bench/train_speed.py --size tiny --steps 2         # CPU smoke test
+    python bench/results.py --add bench/out/train_speed_3b.json --run NAME   # record the run's rows
+
+qwenvl-tune's variants run the product's own training step (``training.loop.micro_batch`` and
+``optimizer_step`` on Fabric, as ``qwenvl-tune train`` does); ablations are flags on the fast-path
+object. The guide's variants, and ``*_bench_copy`` (the benchmark's earlier copy of the step, kept for
+a same-run comparison), run their own loops.
 
 Random-init weights at the published Qwen2.5-VL configs (weight values do not change the arithmetic).
 Samples are document pages whose sizes and answer lengths are drawn from a distribution
@@ -25,7 +31,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 # Variable-size document batches fragment the caching allocator (cudaFree churn in the profile).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -123,7 +128,7 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool) -> list[Sample]
 def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to: int = 1):
     """Collated batches, as the trainer's loader makes them; with ``cfg``, with the vision tower's index tensors."""
     from qwenvl_tune.data.collate import collate
-    from qwenvl_tune.modeling.positions import VisionIndex, mrope_positions
+    from qwenvl_tune.data.positions import VisionIndex, mrope_positions
 
     order = list(range(len(samples)))
     if sort and batch_size > 1:
@@ -163,20 +168,37 @@ def flops_per_sample(cfg, s: Sample, method: str) -> float:
     return vis + (lm_fwd + head) * (1 + bwd)
 
 
-def load_variant(v: dict, ckpt: str, cfg):
-    from qwenvl_tune.config import build_config
-    from qwenvl_tune.modeling.fast import prefer_flash_sdpa
-    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
+def resolve_fast(v: dict, config, hf_config):
+    """The product's fast path for a variant; ablations are flags on it (no patching)."""
+    from qwenvl_tune.modeling.fastpath import FastPath
 
-    prefer_flash_sdpa(v["fast"])  # the guide's variants keep PyTorch's default backends
-    if CUDA:  # process-wide: set for every variant, so one that asks for cuBLASLt does not leak into the next
-        torch.backends.cuda.preferred_blas_library(v.get("blas", "cublas"))
+    fast = FastPath.resolve(config.model, hf_config, autocast=v.get("autocast", True) and CUDA, cuda=CUDA)
+    flags = {"align_vision_mlp": v.get("align", True), "liger_rms_norm": v.get("liger_rms_norm", True),
+             "lora_bf16_inputs": not v.get("lora_input_cast", False), "loader_indices": v.get("loader_index", True),
+             "chunked_loss": v.get("chunked", True)}
+    return fast.replace(**{k: getattr(fast, k) and on for k, on in flags.items()})
+
+
+def variant_config(v: dict, ckpt: str, accum: int = 1):
+    from qwenvl_tune.config import build_config
 
     overrides = {"model.name_or_path": ckpt, "model.method": v["method"], "model.fast_path": v["fast"],
-                 "model.gradient_checkpointing": v.get("gc", False), "model.kernels": v.get("kernels", "none")}
+                 "model.gradient_checkpointing": v.get("gc", False), "model.kernels": v.get("kernels", "none"),
+                 "train.accumulate_grad_batches": accum, "train.lr": 2e-4, "train.warmup_steps": 0,
+                 "train.gradient_clip_val": 1.0, "train.precision": "bf16-mixed" if CUDA else "32-true",
+                 "train.accelerator": "cuda" if CUDA else "cpu"}
     if "lora_dropout" in v:
         overrides["lora.dropout"] = v["lora_dropout"]
-    config = build_config(None, overrides)
+    return build_config(None, overrides)
+
+
+def load_variant(v: dict, ckpt: str, cfg, accum: int = 1):
+    """The model of a variant, prepared as the product prepares it (or as the guide wrote it)."""
+    from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
+
+    if CUDA:  # process-wide: set for every variant, so one that asks for cuBLASLt does not leak into the next
+        torch.backends.cuda.preferred_blas_library(v.get("blas", "cublas"))
+    config = variant_config(v, ckpt, accum)
     if v.get("guide_misspelled"):
         # The guide as written: bnb_4bit_compute_type is not a BitsAndBytesConfig argument, so it is
         # accepted and ignored, and 4-bit layers compute in float32.
@@ -188,24 +210,8 @@ def load_variant(v: dict, ckpt: str, cfg):
                                                             device_map={"": 0}, attn_implementation="sdpa")
     else:
         model = load_base_model(config.model)
-    with contextlib.ExitStack() as patches:  # ablations of the fast path, undone once the model is prepared
-        if not v.get("align", True):  # the vision MLP at its published, unaligned width (before 2026-11-27 evening)
-            import qwenvl_tune.modeling.fast as fast
-
-            patches.enter_context(mock.patch.object(fast, "align_vision_mlp", lambda model, multiple=0: 0))
-        if v.get("liger_rms_norm") is False:  # Liger's kernels except RMSNorm (its host cost per call)
-            import liger_kernel.transformers as liger
-
-            apply = liger.apply_liger_kernel_to_qwen2_5_vl
-            patches.enter_context(mock.patch.object(liger, "apply_liger_kernel_to_qwen2_5_vl",
-                                                    lambda **kw: apply(**{**kw, "rms_norm": False})))
-        model = prepare_for_training(model, config)
-    if v.get("lora_input_cast"):  # PEFT's default: each LoRA input copied to float32 (before 2026-11-27 evening)
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for m in model.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.cast_input_dtype_enabled = True
+    fast = resolve_fast(v, config, model.config)
+    model = prepare_for_training(model, config, fast)
     if not v["method"] == "qlora":
         model.to(DEV)
     if v.get("compile"):
@@ -219,11 +225,34 @@ def load_variant(v: dict, ckpt: str, cfg):
                 n += 1
         print(f"{v['name']}: compiled {n} layers ({sorted(layers)})", flush=True)
     model.train()
-    return model, config
+    return model, config, fast
 
 
-def train_loss(model, batch, fast: bool, loader_index: bool = True, chunked: bool = True, keep_mask: bool = False):
-    from qwenvl_tune.modeling.fast import answer_only_loss, with_loader_indices
+def product_loop(v: dict, ckpt: str, cfg, accum: int):
+    """The product's own training step (``training.loop.micro_batch`` + ``optimizer_step``) on Fabric, as
+    ``qwenvl-tune train`` runs it: same module wrapper, precision plugin, clipping, checks and logging."""
+    from lightning_fabric import Fabric
+
+    from qwenvl_tune.training.console import Console
+    from qwenvl_tune.training.loop import Loop
+    from qwenvl_tune.training.signals import StopRequest
+    from qwenvl_tune.training.state import Progress
+    from qwenvl_tune.training.step import TrainStep, build_scheduler
+
+    model, config, fast = load_variant(v, ckpt, cfg, accum)
+    fabric = Fabric(accelerator=config.train.accelerator, devices=1, precision=config.train.precision)
+    module = fabric.setup_module(TrainStep(model, fast))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=config.train.lr))
+    loop = Loop(fabric, module, opt, build_scheduler(opt, config, 10**6), None, None, None, None, config, Progress(),
+                StopRequest(announce=False), Console(fabric, [], 10**9, 0, 10**9, 1))
+    return loop, fast
+
+
+def train_loss(model, batch, fast: bool, loader_index: bool = True, chunked: bool = True):
+    """The loss as the benchmark computed it before it called the product's step (kept for the same-run
+    comparison, variant ``ours_lora_b2_liger_bench_copy``, and for the guide's plain path)."""
+    from qwenvl_tune.modeling.loss import answer_only_loss, with_loader_indices
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
     if fast:
@@ -231,8 +260,6 @@ def train_loss(model, batch, fast: bool, loader_index: bool = True, chunked: boo
             return answer_only_loss(model, inputs, batch["labels"], chunked=chunked)
         # what the trainer does: rope positions, vision-tower indices and answer positions from the loader
         inputs = with_loader_indices(inputs, batch)
-        if keep_mask:  # the padding mask the trainer drops, for the before/after comparison
-            inputs["attention_mask"] = batch["attention_mask"]
         return answer_only_loss(model, inputs, batch["labels"], batch["answer_positions"], chunked=chunked)
     return model(**inputs, labels=batch["labels"]).loss
 
@@ -263,30 +290,50 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     free()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    model, config = load_variant(v, ckpt, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
     bs = v["batch"]
+    accum = max(1, 8 // bs)
+    product = v["fast"] and v.get("loop", "product") == "product"
     index = v["fast"] and v.get("loader_index", True)
     pad_to = v.get("pad_to", 1)  # the trainer does not round lengths (the _pad64/_pad128 variants measured it)
     data = batches(samples, bs, sort=v.get("sort", True), cfg=cfg if index else None, pad_to=pad_to)
     pinned = v.get("pin", v["fast"]) and CUDA  # the trainer pins its batches (since 2026-11-27); the guide does not
     if pinned:  # what a DataLoader with pin_memory=True hands over: page-locked batches
         data = [{k: (t.pin_memory() if torch.is_tensor(t) else t) for k, t in b.items()} for b in data]
-    accum = max(1, 8 // bs)
-    autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True))
+    scope = contextlib.ExitStack()
+    if product:
+        from qwenvl_tune.training.loop import micro_batch, optimizer_step
 
-    def step(i: int):
-        b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
-        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
-        with autocast:
-            loss = train_loss(model, b, v["fast"], index, v.get("chunked", True), v.get("keep_mask", False)) / accum
-        loss.backward()
-        if (i + 1) % accum == 0:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
+        loop, fast = product_loop(v, ckpt, cfg, accum)
+        model = loop.module.module.model
+        scope.enter_context(fast.training(model))
+        pending: list = []
+
+        def step(i: int):
+            ends = (i + 1) % accum == 0
+            pending.append(micro_batch(loop, data[i % len(data)], ends))
+            if ends:
+                optimizer_step(loop, pending)
+                pending.clear()
+            return pending[-1][0] if pending else None
+    else:
+        model, _, fast = load_variant(v, ckpt, cfg)
+        if v["fast"]:
+            scope.enter_context(fast.training(model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-4)
+        autocast = torch.autocast(DEV, dtype=torch.bfloat16, enabled=v.get("autocast", True))
+
+        def step(i: int):
+            b = {k: (t.to(DEV, non_blocking=True) if torch.is_tensor(t) else t) for k, t in data[i % len(data)].items()}
+            b["pixel_values"] = b["pixel_values"].to(torch.bfloat16 if CUDA else torch.float32)
+            with autocast:
+                loss = train_loss(model, b, v["fast"], index, v.get("chunked", True)) / accum
+            loss.backward()
+            if (i + 1) % accum == 0:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return loss
 
     for i in range(warmup):
         step(i)
@@ -321,13 +368,17 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     sync()
     dt = time.perf_counter() - t0
     sample_flops = sum(flops_per_sample(cfg, s, v["method"]) for s in samples) / len(samples)
-    res = {"name": v["name"], "desc": v["desc"], "batch": bs, "pad_to_multiple_of": pad_to, "pinned": pinned, "samples_per_s": n_samples / dt,
+    scope.close()
+    res = {"name": v["name"], "desc": v["desc"], "step": "product" if product else ("bench copy" if v["fast"] else "guide"),
+           "batch": bs, "pad_to_multiple_of": pad_to, "pinned": pinned, "samples_per_s": n_samples / dt,
            "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
            "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
     if audit is not None:
         res["host_syncs_per_micro_step"] = sum(n for n, _ in audit)
         res["host_sync_sites"] = [f"{n} {site}" for n, site in audit]
-    del model, opt, params
+    del model
+    if product:
+        del loop
     free()
     return res
 
@@ -344,12 +395,13 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
         torch.manual_seed(0)
         # no dropout: each path would draw its own masks (the fast path drops out its bf16 LoRA input,
         # the plain path a float32 copy), and the comparison would measure the draw, not the arithmetic
-        model, _ = load_variant({"method": "lora", "fast": fast, "lora_dropout": 0.0}, ckpt, cfg)
+        model, _, fp = load_variant({"method": "lora", "fast": fast, "lora_dropout": 0.0}, ckpt, cfg)
         if dtype == torch.float32:
             model.float()
         b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False, cfg=cfg)[0].items()}
         b["pixel_values"] = b["pixel_values"].to(dtype)
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype != torch.float32), \
+                (fp.training(model) if fast and dtype != torch.float32 else contextlib.nullcontext()):
             loss = train_loss(model, b, fast)
         loss.backward()
         out[f"loss_{name}"] = float(loss.detach())
@@ -377,8 +429,6 @@ VARIANTS = [
      "desc": "qwenvl-tune lora, batch 1, rope/vision indices computed by the model each step (before 2026-11-27)"},
     {"name": "ours_lora_b1_unchunked", "method": "lora", "fast": True, "batch": 1, "chunked": False,
      "desc": "qwenvl-tune lora, batch 1, all answer logits at once (before 2026-11-27)"},
-    {"name": "ours_lora_b2_masked", "method": "lora", "fast": True, "batch": 2, "keep_mask": True,
-     "desc": "qwenvl-tune lora, batch 2 length-grouped, padding mask kept (before 2026-11-27)"},
     {"name": "ours_lora_b2_unchunked", "method": "lora", "fast": True, "batch": 2, "chunked": False,
      "desc": "qwenvl-tune lora, batch 2 length-grouped, all answer logits at once (before 2026-11-27)"},
     {"name": "ours_lora_b1_pad64", "method": "lora", "fast": True, "batch": 1, "pad_to": 64,
@@ -401,7 +451,9 @@ VARIANTS = [
     {"name": "ours_lora_b1_liger", "method": "lora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 1"},
     {"name": "ours_lora_b2_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped"},
+     "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped (the defaults), the product's step"},
+    {"name": "ours_lora_b2_liger_bench_copy", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "loop": "copy", "desc": "the same, through the benchmark's own copy of the step (before 2026-12-02)"},
     {"name": "ours_qlora_b2_liger", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
@@ -457,7 +509,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--variants", default="all")
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--no-numerics", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     ap.add_argument("--sync-audit", action="store_true",
