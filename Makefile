@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,qlora]"
+	# donut-python's evaluator is the reference the Donut protocol is tested against; its model deps are not needed
+	$(PY) -m pip install -q --no-deps "donut-python==1.0.9"
 	touch $@
 
 demo: install

@@ -13,6 +13,11 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+ROOT = Path(__file__).resolve().parents[1]
+# for tests that run the CLI in a subprocess: this checkout's package, one thread per process
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
@@ -72,3 +77,13 @@ def tiny_overrides(data: Path, model: Path, out: Path, **extra) -> dict:
     }
     base.update(extra)
     return base
+
+
+def equal_length_data(tmp_path: Path) -> Path:
+    """8 documents of one image size and answers of equal token length: per-rank token means average to the
+    global mean, so a data-parallel run can be compared with a single-process one."""
+    rows = [{"image": f"{i}.png", "prefix": "read the code", "suffix": {"code": f"{1000 + 1111 * i}"}} for i in range(8)]
+    imgs = {f"{i}.png": swatch((30 * i, 100, 200 - 20 * i), (112, 112)) for i in range(8)}
+    write_split(tmp_path / "D" / "train", rows, imgs)
+    write_split(tmp_path / "D" / "valid", rows[:3], {k: imgs[k] for k in ("0.png", "1.png", "2.png")})
+    return tmp_path / "D"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from conftest import ROOT
+
 import os
 import subprocess
 import sys
 from pathlib import Path
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: tens of seconds on 2 CPU cores
+
 
 
 def test_demo_command_end_to_end(tmp_path):

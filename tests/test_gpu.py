@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_overrides
-from test_distributed import ENV, _equal_length_data
+from conftest import ENV, equal_length_data, tiny_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_varlen_vision_attention_matches_per_window_sdpa():
-    from qwenvl_tune.modeling.fast import varlen_attention_forward
+    from qwenvl_tune.modeling.attention import varlen_attention_forward
 
     torch.manual_seed(0)
     lengths = [64, 64, 16, 64, 48, 256]
@@ -77,7 +76,8 @@ def _two_sample_batch(tiny_dir):
 
 
 def test_fast_path_matches_plain_on_gpu(tiny_dir, tmp_path):
-    from qwenvl_tune.modeling.fast import answer_only_loss, enable_fast_vision_attention
+    from qwenvl_tune.modeling.loss import answer_only_loss
+    from qwenvl_tune.modeling.attention import enable_fast_vision_attention
     from transformers import AutoModelForImageTextToText
 
     inputs, labels = _two_sample_batch(tiny_dir)
@@ -93,7 +93,7 @@ def test_liger_kernels_match_plain_loss_and_lora_grads(tiny_dir, monkeypatch):
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
 
     from qwenvl_tune.config import build_config
-    from qwenvl_tune.modeling.fast import answer_only_loss
+    from qwenvl_tune.modeling.loss import answer_only_loss
     from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
 
     for name in ("apply_multimodal_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2MLP"):
@@ -141,7 +141,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 def test_fsdp_full_finetune_matches_ddp_and_resumes(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
-    data, runs = _equal_length_data(tmp_path), tmp_path / "runs"
+    data, runs = equal_length_data(tmp_path), tmp_path / "runs"
     ddp = _gpu_train(data, tiny_dir, runs, "ddp", 2, "ddp", **{"model.method": "full"})
     fsdp = _gpu_train(data, tiny_dir, runs, "fsdp", 2, "fsdp", **{"model.method": "full"})
     a, b = load_file(ddp / "last" / "model.safetensors"), load_file(fsdp / "last" / "model.safetensors")
@@ -178,7 +178,7 @@ def test_fsdp_lora_on_bf16_base_matches_ddp(tiny_dir, tmp_path):
     # PEFT keeps the adapters in float32 on the bf16 base: they become FSDP units of their own
     from safetensors.torch import load_file
 
-    data, runs = _equal_length_data(tmp_path), tmp_path / "runs"
+    data, runs = equal_length_data(tmp_path), tmp_path / "runs"
     bf16 = {"model.dtype": "bfloat16", "train.precision": "bf16-mixed", "lora.target_modules": "all-linear"}
     ddp = _gpu_train(data, tiny_dir, runs, "ddp", 2, "ddp", **bf16)
     fsdp = _gpu_train(data, tiny_dir, runs, "fsdp", 2, "fsdp", **bf16)
@@ -190,3 +190,19 @@ def test_fsdp_lora_on_bf16_base_matches_ddp(tiny_dir, tmp_path):
             assert a[k].abs().sum() > 0, k
             cos = torch.nn.functional.cosine_similarity(a[k].flatten().float(), b[k].flatten().float(), dim=0)
             assert cos > 0.99, (k, float(cos))
+
+
+def test_lora_bf16_mixed_trains_validates_and_predicts_on_gpu(tiny_dir, sample_data, tmp_path):
+    """The default path on a GPU: bf16 weights, bf16-mixed, the fast path's scoped switches (bf16 LoRA inputs),
+    validation by generation inside the loop, then prediction from the run folder."""
+    from qwenvl_tune import api
+    from qwenvl_tune.config import build_config
+
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "model.dtype": "bfloat16", "train.precision": "bf16-mixed", "train.accelerator": "gpu",
+        "train.max_steps": 4, "train.lr": 1e-3, "train.check_val_every_n_epoch": 1}))
+    run = api.train(cfg)
+    marker = (run / "best" / "COMPLETE").read_text()
+    assert "val/json_valid" in marker  # validated inside the loop, under the training precision
+    rows = api.predict(run, [sorted((sample_data / "valid").glob("*.jpg"))[0]])
+    assert isinstance(rows[0]["output"], str)

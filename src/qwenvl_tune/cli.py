@@ -6,202 +6,168 @@
     qwenvl-tune predict --run runs/NAME scan1.jpg scan2.jpg [--prompt "..."] [--compare-base]
     qwenvl-tune check ./Data [--config ...] [--json]
     qwenvl-tune demo
+
+The options of every command are generated from typed dataclasses (``commands.py``). Errors a user
+can fix (``QwenVLTuneError``) are one line and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
 
-from .config import ConfigError, iter_fields
-
-# Short spellings for the fields users type most; each maps to one config field.
-ALIASES = {"data": "data.path", "model": "model.name_or_path", "method": "model.method", "name": "run.name",
-           "output-dir": "run.output_dir", "skip-invalid": "data.skip_invalid"}
+from . import commands
+from .errors import QwenVLTuneError, TrainingInterrupted
 
 
-def _metavar(tp: Any) -> str:
-    """How a config field's type reads in --help: {a,b} for choices, INT, FLOAT, BOOL, TEXT, LIST."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return "{" + ",".join(str(a) for a in args) + "}"
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _metavar(inner[0]) if len(inner) == 1 else "VALUE"
-    if origin is list:
-        return "LIST"
-    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE")
+def _version() -> str:
+    try:
+        return version("qwenvl-tune")
+    except PackageNotFoundError:
+        return "unknown"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML preset (see configs/); dotted options below override it.")
-    for alias, dest in ALIASES.items():
-        p.add_argument(f"--{alias}", dest=f"cfg:{dest}", default=argparse.SUPPRESS, metavar="VALUE",
-                       help=f"Same as --{dest}.", **({"nargs": "?", "const": "true"} if alias == "skip-invalid" else {}))
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, f, tp in iter_fields():
-        section = name.split(".")[0]
-        g = groups.setdefault(section, p.add_argument_group(f"{section} options"))
-        default = f.default if f.default is not __import__("dataclasses").MISSING else f.default_factory()
-        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
-                       help=f"{f.metadata.get('help', '')} (default: {default!r})")
+def _train(o: dict, cfg: dict) -> int:
+    from .api import build_config, train
+
+    run = train(build_config(o["config"], cfg), resume=o["resume"])
+    print(f"\nbest model: {run / 'best'}\nnext: qwenvl-tune evaluate --run {run}   (writes the report)")
+    return 0
 
 
-def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    return {k[4:]: v for k, v in vars(ns).items() if k.startswith("cfg:")}
+def _evaluate(o: dict, cfg: dict) -> int:
+    from .api import evaluate
+    from .evaluation.report import format_metrics
+    from .rundir import RunDir
+
+    res = evaluate(o["run"], o["split"], which=o["checkpoint"], compare_base=o["compare_base"], limit=o["limit"],
+                   from_predictions=o["from_predictions"], constrained=o["constrained"],
+                   compare_constrained=o["compare_constrained"], overrides=cfg, progress=True)
+    print(format_metrics(res))
+    print(f"\nwritten: {RunDir(o['run']).eval_dir(o['split'], o['checkpoint'])}/report.html (and metrics.json, "
+          f"predictions.jsonl, fields.csv)")
+    return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwenvl-tune", description="Fine-tune Qwen-VL models to read documents into JSON.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="Fine-tune a model; writes a run folder.")
-    t.add_argument("--resume", metavar="RUN|auto", help="Continue a run from its newest complete checkpoint "
-                   "(weights, optimizer, scheduler, step, position in the epoch, RNG).")
-    _add_config_args(t)
-    e = sub.add_parser("evaluate", help="Score a run's best model on a split.")
-    e.add_argument("--run", required=True, help="Run folder (runs/NAME).")
-    e.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    e.add_argument("--compare-base", action="store_true", help="Also score the base model.")
-    e.add_argument("--data", help="Dataset folder (default: the run's data.path).")
-    e.add_argument("--limit", type=int, help="Score only the first N samples.")
-    e.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
-                   help="Decode without the learnt JSON schema.")
-    e.add_argument("--compare-constrained", action="store_true",
-                   help="Also decode without the schema and report both (the 'unconstrained' column).")
-    e.add_argument("--from-predictions", action="store_true",
-                   help="Re-score the stored eval/<split>/predictions.jsonl without loading a model.")
-    pr = sub.add_parser("predict", help="Extract JSON from document images with a run's model.")
-    pr.add_argument("--run", required=True)
-    pr.add_argument("images", nargs="*", help="Image files (printed as JSON), or use --input/--output for bulk runs.")
-    pr.add_argument("--input", help="Folder of images or a .jsonl list: bulk extraction, streamed to --output.")
-    pr.add_argument("--output", help="JSONL file for bulk results (resumable: inputs already in it are skipped).")
-    pr.add_argument("--devices", type=int, default=1, help="Worker processes for bulk runs (one per GPU).")
-    pr.add_argument("--batch-size", type=int, default=None, help="Images per generation batch (default: the run's).")
-    pr.add_argument("--prompt", help="Instruction (default: the run's data.prompt).")
-    pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    pr.add_argument("--compare-base", action="store_true", help="Also show the base model's answer.")
-    pr.add_argument("--no-constrained", dest="constrained", action="store_false", default=None,
-                    help="Decode without the learnt JSON schema.")
-    x = sub.add_parser("export", help="Write a run's model for serving: the adapter, or merged full weights.")
-    x.add_argument("--run", required=True)
-    x.add_argument("--out", required=True, help="Output folder (must not exist or be empty).")
-    x.add_argument("--merge", action="store_true", help="Merge the adapter into the (bf16) base weights.")
-    x.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    s_ = sub.add_parser("serve", help="HTTP service and web page for a run's model.")
-    s_.add_argument("--run", required=True)
-    s_.add_argument("--host", default="127.0.0.1", help="Bind address (localhost unless told otherwise).")
-    s_.add_argument("--port", type=int, default=8000)
-    s_.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    s_.add_argument("--api-key", default=None, help="Require this key in the X-API-Key header (or set QWENVL_TUNE_API_KEY).")
-    s_.add_argument("--max-upload-mb", type=float, default=20.0)
-    s_.add_argument("--max-batch", type=int, default=8, help="Most concurrent requests generated together.")
-    c = sub.add_parser("check", help="Validate a dataset and report what is wrong, per file and line.")
-    c.add_argument("path", help="Dataset folder.")
-    _add_config_args(c)
-    c.add_argument("--json", action="store_true", help="Print the report as JSON.")
-    d = sub.add_parser("demo", help="Sample documents + tiny model: the whole loop on CPU in minutes.")
-    d.add_argument("--out", default="demo_output", help="Folder for the demo's data, model and run.")
-    return p
+def _predict(o: dict, cfg: dict) -> int:
+    if o["input"] or o["output"]:
+        if not (o["input"] and o["output"]) or o["images"]:
+            print("error: bulk extraction takes --input and --output (and no image arguments)", file=sys.stderr)
+            return 2
+        from .inference.bulk import bulk_predict
+
+        counts = bulk_predict(o["run"], o["input"], o["output"], devices=o["devices"], which=o["checkpoint"],
+                              constrained=o["constrained"], overrides=cfg)
+        print(f"{counts['total']} inputs: {counts['skipped']} already in {o['output']}, {counts['written']} "
+              f"written now; {counts['errors']} unreadable (see their 'error' lines)")
+        return 1 if counts["errors"] else 0
+    if not o["images"]:
+        print("error: give image files, or --input and --output", file=sys.stderr)
+        return 2
+    from .api import predict
+
+    rows = predict(o["run"], o["images"], which=o["checkpoint"], compare_base=o["compare_base"],
+                   constrained=o["constrained"], overrides=cfg)
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False, indent=2))
+    failed = sum(1 for r in rows if "error" in r)
+    if failed:
+        print(f"error: {failed} of {len(rows)} input(s) could not be read (see their 'error' entries)", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def format_metrics(results: dict[str, Any]) -> str:
-    from .evaluation.metrics import SCALAR_METRICS
+def _export(o: dict, cfg: dict) -> int:
+    from .inference.export import export_run
 
-    cols = [k for k in ("finetuned", "unconstrained", "base") if k in results]
-    w = 15
-    lines = [f"{'metric':<18}" + "".join(f"{c:>{w}}" for c in cols), "-" * (18 + w * len(cols))]
-    for m in SCALAR_METRICS:
-        lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>{w}.3f}" for c in cols))
-    lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
-    return "\n".join(lines)
+    out = export_run(o["run"], o["out"], merge=o["merge"], which=o["checkpoint"], dtype=o["dtype"])
+    print(f"exported {o['run']}/{o['checkpoint']} to {out} ({'merged weights' if o['merge'] else 'adapter'})")
+    return 0
+
+
+def _serve(o: dict, cfg: dict) -> int:
+    from .inference.server import serve
+
+    serve(o["run"], host=o["host"], port=o["port"], which=o["checkpoint"],
+          api_key=o["api_key"] or os.environ.get("QWENVL_TUNE_API_KEY"), max_upload_mb=o["max_upload_mb"],
+          max_batch=o["max_batch"], overrides=cfg)
+    return 0
+
+
+def _check(o: dict, cfg: dict) -> int:
+    from .api import build_config, check
+    from .data.report import format_report
+
+    notes: list[str] = []
+    rep = check(o["path"], build_config(o["config"], {**cfg, "data.path": o["path"]}), notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(rep, indent=2, ensure_ascii=False) if o["json"] else format_report(rep))
+    return 1 if rep["errors"] else 0
+
+
+def _score(o: dict, cfg: dict) -> int:
+    from .api import score
+    from .evaluation.report import format_metrics
+
+    res = score(o["pred"], o["gold"], o["out"], overrides=cfg)
+    print(format_metrics(res))
+    for note in res.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"\nwritten: {o['out']}/report.html (and metrics.json, predictions.jsonl, fields.csv)")
+    return 0
+
+
+def _demo(o: dict, cfg: dict) -> int:
+    from .demo import run_demo
+
+    run_demo(o["out"])
+    return 0
+
+
+HANDLERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export, "serve": _serve,
+            "check": _check, "score": _score, "demo": _demo}
+
+
+def _quiet() -> None:
+    """Third-party chatter off (progress bars per weight file, info banners, deprecation notes); --verbose keeps it.
+    Set before the libraries are imported, as some read these once."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars follow it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("lightning", "lightning.fabric", "lightning_fabric", "pytorch_lightning", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*Tensor Cores.*")
+    warnings.filterwarnings("ignore", message=".*is not aligned for fast kernel.*")
 
 
 def main(argv: list[str] | None = None) -> int:
     # Document batches vary in shape step to step; expandable segments keep the CUDA caching
     # allocator from fragmenting (set before torch initialises CUDA; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    parser = _parser()
+    parser = commands.parser(_version())
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        from .config import _suggest
-
-        names = [n for n, _, _ in iter_fields()] + list(ALIASES)
-        flags = [u for u in unknown if u.startswith("--")]
-        hint = _suggest(flags[0][2:].split("=")[0], names) if flags else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    from .data.records import DataError
-    from .training.checkpoints import CheckpointError
-    from .training.module import NonFiniteError
-    from .training.run import TrainingInterrupted
-
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{commands.suggest_for(args.command, unknown)}")
+    if not args.verbose:
+        _quiet()
     try:
-        if args.command == "train":
-            from .api import build_config, train
-
-            run = train(build_config(args.config, _overrides(args)), resume=args.resume)
-            print(f"\nrun folder: {run}\nnext: qwenvl-tune evaluate --run {run}")
-        elif args.command == "evaluate":
-            from .api import evaluate
-
-            res = evaluate(args.run, args.split, which=args.checkpoint, compare_base=args.compare_base,
-                           data_path=args.data, limit=args.limit, from_predictions=args.from_predictions,
-                           constrained=args.constrained, compare_constrained=args.compare_constrained)
-            print(format_metrics(res))
-            print(f"\nwritten: {args.run}/eval/{args.split}/ (report.html, metrics.json, predictions.jsonl, fields.csv)")
-        elif args.command == "predict":
-            from .api import predict
-
-            if args.input or args.output:
-                if not (args.input and args.output) or args.images:
-                    print("error: bulk extraction takes --input and --output (and no image arguments)", file=sys.stderr)
-                    return 2
-                from .inference.bulk import bulk_predict
-
-                counts = bulk_predict(args.run, args.input, args.output, devices=args.devices,
-                                      batch_size=args.batch_size, which=args.checkpoint, constrained=args.constrained)
-                print(f"{counts['total']} inputs: {counts['skipped']} already in {args.output}, {counts['written']} "
-                      f"written now; {counts['errors']} unreadable (see their 'error' lines)")
-                return 0
-            if not args.images:
-                print("error: give image files, or --input and --output", file=sys.stderr)
-                return 2
-            for row in predict(args.run, args.images, args.prompt, which=args.checkpoint, compare_base=args.compare_base,
-                               constrained=args.constrained):
-                print(json.dumps(row, ensure_ascii=False, indent=2))
-        elif args.command == "export":
-            from .inference.export import export_run
-
-            out = export_run(args.run, args.out, merge=args.merge, which=args.checkpoint, dtype=args.dtype)
-            print(f"exported {args.run}/{args.checkpoint} to {out} ({'merged weights' if args.merge else 'adapter'})")
-        elif args.command == "serve":
-            from .inference.server import serve
-
-            serve(args.run, host=args.host, port=args.port, which=args.checkpoint,
-                  api_key=args.api_key or os.environ.get("QWENVL_TUNE_API_KEY"),
-                  max_upload_mb=args.max_upload_mb, max_batch=args.max_batch)
-        elif args.command == "check":
-            from .data.report import run_check
-
-            return run_check(args.path, args.config, _overrides(args), as_json=args.json)
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args.out)
+        return HANDLERS[args.command](commands.options(args), commands.overrides(args))
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteError) as e:
+    except KeyboardInterrupt:  # before training started (or a second Ctrl-C): nothing was saved by this command
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except QwenVLTuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

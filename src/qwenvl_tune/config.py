@@ -19,8 +19,20 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+from .errors import QwenVLTuneError
+
+
+class ConfigError(QwenVLTuneError, ValueError):
     """A configuration key or value is wrong; the message says which and why."""
+
+
+# The scalar metrics that evaluation reports and training can monitor, with whether larger is better.
+# They live here so that validating a config needs no metric code (evaluation.metrics imports them).
+METRICS = {"edit_distance": False, "json_valid": True, "json_repaired": False, "exact_match": True,
+           "field_precision": True, "field_recall": True, "field_f1": True, "field_accuracy": True,
+           "ted_accuracy": True, "truncated": False,
+           # Donut's JSONParseEvaluator definitions (evaluation/donut.py), comparable with published CORD numbers
+           "donut_ted_accuracy": True, "donut_field_f1": True}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -92,7 +104,8 @@ class TrainConfig:
 class GenerateConfig:
     max_new_tokens: int = _f(1024, "Longest generated answer in tokens.")
     batch_size: int = _f(4, "Samples per generation batch (left-padded).")
-    constrained: bool = _f(True, "predict/evaluate/serve decode under the JSON schema learnt from the training answers (run folder's answer_schema.json), so every output parses.")
+    qlora_base: Literal["4bit", "bf16"] = _f("4bit", "How evaluate/predict/serve load a QLoRA run's base model on a GPU: 4bit as it was trained (least memory), or bf16 (what a merged export computes).")
+    constrained: bool = _f(True, "predict/evaluate/serve decode under the JSON schema learnt from the training answers (saved in the run folder), so every output parses.")
 
 
 @dataclass
@@ -122,13 +135,25 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        # dotted keys set by a preset or the command line (not a field: not saved in config.yaml, not compared)
+        self.explicit: set[str] = set()
+
     @property
     def monitor_mode(self) -> str:
-        from .evaluation.metrics import HIGHER_IS_BETTER
-
         if self.train.monitor_mode != "auto":
             return self.train.monitor_mode
-        return "max" if HIGHER_IS_BETTER[self.train.monitor.split("/", 1)[1]] else "min"
+        return "max" if METRICS[self.train.monitor.split("/", 1)[1]] else "min"
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf as a dotted key: ``{"lora.r": 8, ...}``."""
+        return flatten(self.to_dict())
+
+    def changed(self) -> dict[str, Any]:
+        """The leaves that differ from the defaults (what the console shows; config.yaml holds all)."""
+        default = Config().flat()
+        default["train.lr"] = DEFAULT_LR[self.model.method]  # the learning-rate default depends on the method
+        return {k: v for k, v in self.flat().items() if default.get(k) != v}
 
     def metric_options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.metrics)
@@ -153,9 +178,7 @@ class Config:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if self.lora.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.lora.r}")
-        from .evaluation.metrics import SCALAR_METRICS
-
-        names = [f"val/{m}" for m in SCALAR_METRICS]
+        names = [f"val/{m}" for m in METRICS]
         if t.monitor not in names:
             raise ConfigError(f"train.monitor must be one of {names}, got {t.monitor!r}{_suggest(t.monitor, names)}")
         if self.model.method == "qlora" and self.model.dtype == "float32":
@@ -181,10 +204,22 @@ def _leaf_types() -> dict[str, Any]:
     return {name: tp for name, _, tp in iter_fields()}
 
 
+# what users of other trainers call our options (suggested by meaning when the spelling is not close)
+SYNONYMS = {"learning_rate": "lr", "epochs": "max_epochs", "num_epochs": "max_epochs", "num_train_epochs": "max_epochs",
+            "rank": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "warmup": "warmup_steps",
+            "gradient_accumulation_steps": "accumulate_grad_batches", "grad_accum": "accumulate_grad_batches",
+            "per_device_train_batch_size": "batch_size", "bs": "batch_size", "max_grad_norm": "gradient_clip_val",
+            "model": "name_or_path", "model_id": "name_or_path", "max_seq_length": "max_length",
+            "max_tokens": "max_new_tokens", "output": "output_dir", "patience": "early_stopping_patience"}
+
+
 def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    tail = key.rsplit(".", 1)[-1].replace("-", "_")
+    meant = SYNONYMS.get(tail)
+    close = [o for o in options if meant and o.rsplit(".", 1)[-1] == meant][:1]
     if not close:
-        tail = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if not close:
         close = [o for o in options if o.rsplit(".", 1)[-1] == tail][:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -275,6 +310,7 @@ def apply(config: Config, values: dict[str, Any], source: str) -> Config:
             setattr(obj, last, coerce(key, leaves[key], value))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        config.explicit.add(key)
     return config
 
 
@@ -302,4 +338,6 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] 
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    return apply(Config(), flatten(d), "saved config").validate()
+    config = apply(Config(), flatten(d), "saved config").validate()
+    config.explicit = set()  # a saved config records values, not what the user typed (see rundir.OVERRIDES_FILE)
+    return config

@@ -20,7 +20,7 @@ def demo_config_path() -> Path:
 
 def run_demo(out: str | Path = "demo_output") -> dict:
     from .api import evaluate, predict, train
-    from .cli import format_metrics
+    from .evaluation.report import format_metrics
     from .data.synthetic import write_dataset
     from .modeling.tiny import build_tiny_checkpoint
 
@@ -47,8 +47,7 @@ def run_demo(out: str | Path = "demo_output") -> dict:
     row = predict(run, [sample])[0]
     print("\n=== validation metrics (tiny model, CPU) ===")
     print(format_metrics(results))
-    print("finetuned: decoded under the JSON schema learnt from the training answers; unconstrained: the same model "
-          "without it; base: the random-init model before training.")
+    print("base: the random-init model before training, decoded the same way as the fine-tuned one.")
     print(f"\n=== predict {sample.name} ===\n{row.get('output', row.get('error'))}")
     print(f"\ngold: {json.dumps(json.loads((data / 'valid' / 'annotations.jsonl').read_text().splitlines()[0])['suffix'], ensure_ascii=False)}")
     print(f"\nrun folder: {run}  ({time.perf_counter() - t0:.0f} s)")

@@ -12,11 +12,11 @@ from PIL import Image
 from conftest import tiny_overrides
 from qwenvl_tune.config import build_config
 from qwenvl_tune.data.collate import Encoder, collate
-from qwenvl_tune.inference.generate import MODEL_INPUTS
-from qwenvl_tune.modeling.fast import answer_only_loss
+from qwenvl_tune.modeling.generate import MODEL_INPUTS
+from qwenvl_tune.modeling.loss import answer_only_loss
 from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
-from qwenvl_tune.modeling.positions import (PositionCheck, VisionIndex, image_token_id, model_rope_index,
-                                          mrope_positions)
+from qwenvl_tune.data.positions import VisionIndex, image_token_id, mrope_positions
+from qwenvl_tune.modeling.positions import PositionCheck, model_rope_index
 
 PIXELS = 64 * 28 * 28
 
@@ -153,7 +153,7 @@ def test_training_step_inputs_give_the_plain_loss_and_gradients(family, tiny_fam
     """What the trainer's fast path feeds the model (loader positions, vision indices and answer
     positions; no padding mask; lengths padded to a multiple of 64) against the plain model call on
     the unrounded batch."""
-    from qwenvl_tune.training.module import FineTuneModule
+    from qwenvl_tune.training.step import TrainStep
 
     ckpt = tiny_family(family)
     cfg = build_config(None, tiny_overrides(tmp_path, ckpt, tmp_path, **{
@@ -173,7 +173,7 @@ def test_training_step_inputs_give_the_plain_loss_and_gradients(family, tiny_fam
     seen = {}
     forward = model.forward
     model.forward = lambda **kw: seen.update(kw) or forward(**kw)
-    loss = FineTuneModule(model, proc, cfg).training_step(batch, 0)
+    loss = TrainStep(model, fast=True)(batch)
     assert "attention_mask" not in seen and "position_ids" in seen and "image_cu_seqlens" in seen
     assert ("image_window_index" in seen) == (family == "qwen2_5_vl")
     assert torch.allclose(plain, loss, rtol=1e-5, atol=0), (plain, loss)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import swatch
+from conftest import ROOT, swatch
 from qwenvl_tune.evaluation.report import read_predictions, write_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 OPTIONS = {"list_matching": "position", "casefold": False, "whitespace": True, "numeric": False}
 
@@ -89,3 +88,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert page.locator(".sample").first.locator("tr.missing").count() >= 1
         browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_json_string_answers_get_the_per_field_view(tmp_path):
+    from qwenvl_tune.evaluation.report import _diff_table
+
+    gold = json.dumps({"total": "12.00", "tax": "1.20"})  # stored as a JSON string, as Roboflow exports answers
+    table = _diff_table(gold, '{"total": "12.00", "tax": "9.99"}', OPTIONS)
+    assert "<td>total</td>" in table and "<td>tax</td>" in table and "(text)" not in table
+    assert table.count('class="wrong"') == 1 and table.count('class="ok"') == 1

@@ -17,12 +17,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import swatch, tiny_overrides, write_split
+from conftest import ROOT, swatch, tiny_overrides, write_split
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
 from qwenvl_tune.inference.server import Extractor, create_app
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: tens of seconds on 2 CPU cores
+
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 TARGETS = [{"route": "O385-YZ-713", "dock": "D29"}, {"route": "T147-EH-365", "dock": "D21"}]
 
@@ -94,6 +95,68 @@ def test_pixel_limit(extractor):
     with TestClient(create_app(extractor, max_image_pixels=100_000)) as client:
         r = client.post("/v1/extract", files={"image": ("big.png", big.getvalue(), "image/png")})
         assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+
+
+def test_pixel_limit_defaults_to_the_runs_data_limit(served_run):
+    """The service reads images under the run's own data.max_image_pixels unless told otherwise."""
+    small = Extractor(served_run[0], device="cpu", overrides={"data.max_image_pixels": 100_000})
+    big = io.BytesIO()
+    swatch((9, 9, 9), (600, 600)).save(big, "PNG")
+    with TestClient(create_app(small)) as client:
+        assert client.get("/health").json()["max_image_pixels"] == 100_000
+        r = client.post("/v1/extract", files={"image": ("big.png", big.getvalue(), "image/png")})
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+
+
+def test_chunked_upload_is_cut_at_the_limit(extractor):
+    """A 300 MiB chunked body (no Content-Length) is refused after at most the limit is read."""
+    app = create_app(extractor, max_upload_mb=1)
+    with _Server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/extract HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+        chunk = os.urandom(64 * 1024)
+        frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+        sent, answer = 0, b""
+        sock.settimeout(0.0)
+        try:
+            while sent < 300 * 2**20:
+                try:
+                    answer += sock.recv(65536)
+                    if answer:
+                        break
+                except BlockingIOError:
+                    pass
+                try:
+                    sent += sock.send(frame)
+                except BlockingIOError:
+                    time.sleep(0.001)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            sock.settimeout(10)
+            while b"\r\n\r\n" not in answer:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                answer += more
+        finally:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 300 * 2**20  # refused long before the client was done
+    # measured on the server: it read no more than the limit (1 MiB + 64 KiB for headers) plus one chunk
+    assert app.state.last_body_bytes <= 2**20 + 64 * 1024 + len(chunk) + 1
+
+
+def test_bad_bodies_get_precise_messages_without_internal_reprs(extractor):
+    with TestClient(create_app(extractor)) as client:
+        unterminated = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc'
+        r = client.post("/v1/extract", content=unterminated, headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"]
+        r = client.post("/v1/extract", files={"image": ("x.png", b"definitely not an image", "image/png")})
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert "not a readable image" in message and "BytesIO" not in message and "0x" not in message
 
 
 class _Server:

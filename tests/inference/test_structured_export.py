@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_overrides
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
-from qwenvl_tune.inference.structured import infer_schema, load_schema
+from qwenvl_tune.data.schema import infer_schema
+from qwenvl_tune.rundir import RunDir
 
 
 def test_infer_schema_hand_example():
@@ -36,7 +37,7 @@ def briefly_trained(sample_data, tiny_dir, tmp_path_factory):
 
 def test_constrained_decoding_always_parses_with_schema_keys(briefly_trained):
     run = briefly_trained
-    schema = load_schema(run)
+    schema = RunDir(run).schema()
     assert schema and "route" in schema["required"]
     res = api.evaluate(run, "valid", compare_constrained=True)
     assert res["finetuned"]["json_valid"] == 1.0 and res["finetuned"]["truncated"] == 0.0
@@ -52,7 +53,7 @@ def test_merged_export_matches_adapter_logits(sample_data, tiny_dir, tmp_path):
     from qwenvl_tune.data.check import check_split
     from qwenvl_tune.data.collate import Encoder, RecordDataset
     from qwenvl_tune.inference.export import export_run
-    from qwenvl_tune.modeling.load import load_for_inference
+    from qwenvl_tune.inference.session import Predictor
 
     cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
         "train.max_steps": 4, "train.lr": 2e-2, "lora.target_modules": "all-linear"}))
@@ -62,7 +63,8 @@ def test_merged_export_matches_adapter_logits(sample_data, tiny_dir, tmp_path):
     assert (merged_dir / "model.safetensors").exists() and not (merged_dir / "adapter_config.json").exists()
     assert (adapter_dir / "adapter_config.json").exists() and (merged_dir / "answer_schema.json").exists()
     assert "qwenvl" not in (merged_dir / "config.json").read_text()
-    ours, proc, _ = load_for_inference(run, "best", device="cpu")
+    p = Predictor.from_run(run, "best", device="cpu")
+    ours, proc = p.model, p.processor
     plain = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()  # no trace of our package needed
     item = RecordDataset(check_split(sample_data, "valid").records[:1], Encoder(proc))[0]
     batch = {"input_ids": item["input_ids"][None], "pixel_values": item["pixel_values"],
@@ -72,3 +74,49 @@ def test_merged_export_matches_adapter_logits(sample_data, tiny_dir, tmp_path):
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
     with pytest.raises(FileExistsError):
         export_run(run, merged_dir, merge=True)
+
+
+def test_compare_constrained_columns_are_named_for_how_they_were_decoded(briefly_trained):
+    # --no-constrained --compare-constrained: the extra column is the schema-decoded one, and says so
+    res = api.evaluate(briefly_trained, "valid", constrained=False, compare_constrained=True)
+    assert "constrained" in res and "unconstrained" not in res
+    assert res["decoding"]["finetuned"] == "unconstrained"
+    assert res["decoding"]["constrained"].startswith("constrained to")
+    assert res["constrained"]["json_valid"] == 1.0  # every schema-decoded output parses
+    # the default way round keeps the names users know
+    res = api.evaluate(briefly_trained, "valid", compare_constrained=True)
+    assert res["decoding"] == {"finetuned": res["decoding"]["finetuned"], "unconstrained": "unconstrained"}
+    assert res["decoding"]["finetuned"].startswith("constrained to")
+
+
+def test_evaluate_overrides_apply_to_this_evaluation_only(briefly_trained):
+    from qwenvl_tune.cli import main
+
+    assert main(["evaluate", "--run", str(briefly_trained), "--metrics.list_matching", "unordered",
+                 "--generate.max_new_tokens", "64"]) == 0
+    metrics = json.loads((briefly_trained / "eval" / "valid" / "metrics.json").read_text())
+    assert metrics["options"]["list_matching"] == "unordered"
+    assert RunDir(briefly_trained).config.metrics.list_matching == "position"  # the run folder is unchanged
+
+
+def test_score_on_outputs_from_outside_gives_evaluates_numbers(briefly_trained, sample_data, tmp_path):
+    from qwenvl_tune.cli import main
+    from qwenvl_tune.config import METRICS
+
+    res = api.evaluate(briefly_trained, "valid", constrained=False)
+    stored = [json.loads(line) for line in (briefly_trained / "eval" / "valid" / "predictions.jsonl").read_text().splitlines()]
+    pred = tmp_path / "other_system.jsonl"
+    pred.write_text("".join(json.dumps({"output": r["finetuned"]["raw"]}) + "\n" for r in stored))
+    gold = sample_data / "valid" / "annotations.jsonl"
+    assert main(["score", "--pred", str(pred), "--gold", str(gold), "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    for m in METRICS:
+        if m != "truncated":  # a file of outputs does not say which were cut off
+            assert scored["finetuned"][m] == pytest.approx(res["finetuned"][m]), m
+    assert (tmp_path / "scored" / "report.html").exists() and (tmp_path / "scored" / "fields.csv").exists()
+    # a line that is not JSON is an invalid answer, never dropped
+    pred.write_text("this is not json\n" + "".join(json.dumps({"output": r["finetuned"]["raw"]}) + "\n"
+                                                    for r in stored[1:]))
+    again = api.score(pred, gold, tmp_path / "scored2")
+    assert again["finetuned"]["n"] == len(stored)
+    assert again["finetuned"]["json_valid"] <= res["finetuned"]["json_valid"]

@@ -10,8 +10,9 @@ from transformers import AttentionInterface
 from conftest import tiny_overrides
 from qwenvl_tune.config import build_config
 from qwenvl_tune.data.collate import Encoder, collate
-from qwenvl_tune.inference.generate import MODEL_INPUTS
-from qwenvl_tune.modeling import fast
+from qwenvl_tune.modeling.generate import MODEL_INPUTS
+from qwenvl_tune.modeling import align as falign, attention as fattn, loss as floss
+from qwenvl_tune.modeling.fastpath import FastPath
 from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
 
 
@@ -36,18 +37,18 @@ def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
         if fast_path:
             def counting(*a, **k):
                 calls.append(k.get("cu_seq_lens_q") is not None)
-                return fast.varlen_attention_forward(*a, **k)
-            AttentionInterface.register(fast.VARLEN_ATTENTION, counting)
+                return fattn.varlen_attention_forward(*a, **k)
+            AttentionInterface.register(fattn.VARLEN_ATTENTION, counting)
         batch = _batch(proc)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         if fast_path:
-            loss = fast.answer_only_loss(model, inputs, batch["labels"])
+            loss = floss.answer_only_loss(model, inputs, batch["labels"])
         else:
             loss = model(**inputs, labels=batch["labels"]).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fast_path] = (loss.detach(), grads)
-    fast.register()
+    fattn.register()
     (l0, g0), (l1, g1) = results[False], results[True]
     assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
     assert g0.keys() == g1.keys() and g0
@@ -57,7 +58,7 @@ def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
     assert calls and all(calls) and len(calls) == 2  # tiny vision tower: 2 blocks, one call each
 
 
-@pytest.mark.parametrize("chunk", [fast.LOSS_CHUNK, 7])
+@pytest.mark.parametrize("chunk", [floss.LOSS_CHUNK, 7])
 def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path, monkeypatch, chunk):
     cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{"lora.dropout": 0.0}))
     proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
@@ -65,14 +66,14 @@ def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path, monkeypatch, chunk
     model = prepare_for_training(load_base_model(cfg.model), cfg)
     batch = _batch(proc)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    whole = fast.answer_only_loss(model, inputs, batch["labels"], chunked=False)
+    whole = floss.answer_only_loss(model, inputs, batch["labels"], chunked=False)
     whole.backward()
     whole_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setattr(fast, "LOSS_CHUNK", chunk)
+    monkeypatch.setattr(floss, "LOSS_CHUNK", chunk)
     rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
-    loss = fast.answer_only_loss(model, inputs, batch["labels"])
+    loss = floss.answer_only_loss(model, inputs, batch["labels"])
     loss.backward()
     hook.remove()
     supervised = int((batch["labels"][:, 1:] != -100).any(0).sum())
@@ -88,7 +89,7 @@ def test_answer_only_loss_uses_few_logits(tiny_dir, tmp_path, monkeypatch, chunk
 
 
 def _vision_mlps(model):
-    return [m for m in fast.vision_tower(model).modules() if hasattr(m, "down_proj")]
+    return [m for m in falign.vision_tower(model).modules() if hasattr(m, "down_proj")]
 
 
 def test_aligned_vision_mlp_computes_the_published_model(tiny_dir, tmp_path):
@@ -103,8 +104,8 @@ def test_aligned_vision_mlp_computes_the_published_model(tiny_dir, tmp_path):
     # the tiny tower's MLP is 32 -> 60 -> 32, unaligned like the real 1280 -> 3420 -> 1280
     assert [m.down_proj.in_features for m in _vision_mlps(model)] == [60, 60]
 
-    assert fast.align_vision_mlp(model) == 2
-    assert fast.align_vision_mlp(model) == 0  # already aligned
+    assert falign.align_vision_mlp(model) == 2
+    assert falign.align_vision_mlp(model) == 0  # already aligned
     for m in _vision_mlps(model):
         assert m.gate_proj.weight.shape == m.up_proj.weight.shape == (64, 32) and m.down_proj.weight.shape == (32, 64)
         assert not m.gate_proj.weight[60:].any() and not m.down_proj.weight[:, 60:].any()
@@ -129,7 +130,7 @@ def test_aligned_vision_mlp_computes_the_published_model(tiny_dir, tmp_path):
         assert torch.allclose(reloaded(**inputs).logits, before, atol=1e-5, rtol=1e-5)
 
     # if the tower is trained, the extra units get exactly zero gradient, so they stay zero
-    for p in fast.vision_tower(model).parameters():
+    for p in falign.vision_tower(model).parameters():
         p.requires_grad_(True)
     model(**inputs).logits.square().mean().backward()
     mlp = _vision_mlps(model)[0]
@@ -142,8 +143,8 @@ def test_align_vision_mlp_leaves_aligned_towers_and_other_activations(tiny_famil
     for family in ("qwen2_vl", "qwen3_vl"):  # published widths 5120 and 4304 are aligned; so are the tiny ones
         cfg = build_config(None, {"model.name_or_path": str(tiny_family(family)), "model.dtype": "float32"})
         model = load_base_model(cfg.model)
-        assert fast.vision_tower(model) is not None
-        assert fast.align_vision_mlp(model) == 0
+        assert falign.vision_tower(model) is not None
+        assert falign.align_vision_mlp(model) == 0
 
     class Mlp(torch.nn.Module):
         def __init__(self, act):
@@ -155,19 +156,23 @@ def test_align_vision_mlp_leaves_aligned_towers_and_other_activations(tiny_famil
             super().__init__()
             self.visual = torch.nn.Sequential(Mlp(act))
 
-    assert fast.align_vision_mlp(Model(torch.nn.GELU())) == 1
-    assert fast.align_vision_mlp(Model(torch.nn.Sigmoid())) == 0  # sigmoid(0) = 0.5: padding would change the output
+    assert falign.align_vision_mlp(Model(torch.nn.GELU())) == 1
+    assert falign.align_vision_mlp(Model(torch.nn.Sigmoid())) == 0  # sigmoid(0) = 0.5: padding would change the output
 
 
-@pytest.mark.parametrize("overrides,aligned", [
-    ({}, True),
-    ({"model.fast_path": False}, False),
-    ({"model.train_vision": True}, False),
-    ({"train.strategy": "fsdp"}, False),
+@pytest.mark.parametrize("overrides,fsdp,aligned", [
+    ({}, False, True),
+    ({"model.fast_path": False}, False, False),
+    ({"model.train_vision": True}, False, False),
+    ({}, True, False),
 ])
-def test_training_aligns_the_frozen_tower_on_the_fast_path(tiny_dir, tmp_path, overrides, aligned):
+def test_training_aligns_the_frozen_tower_on_the_fast_path(tiny_dir, tmp_path, overrides, fsdp, aligned):
     cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **overrides))
-    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    base = load_base_model(cfg.model)
+    fast = FastPath.resolve(cfg.model, base.config, fsdp=fsdp)
+    assert fast.align_vision_mlp is aligned
+    assert aligned or any("not padded" in n or "fast_path=false" in n for n in fast.notes)  # said why
+    model = prepare_for_training(base, cfg, fast)
     widths = {m.down_proj.in_features for m in _vision_mlps(model)}
     assert widths == ({64} if aligned else {60})
 
@@ -181,7 +186,9 @@ def test_lora_branches_take_bf16_input_under_autocast(tiny_dir, tmp_path):
             "model.dtype": "bfloat16", "train.precision": precision, "lora.dropout": 0.0}))
         proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         torch.manual_seed(0)
-        model = prepare_for_training(load_base_model(cfg.model), cfg)
+        base = load_base_model(cfg.model)
+        fast = FastPath.resolve(cfg.model, base.config, autocast=precision == "bf16-mixed")
+        model = prepare_for_training(base, cfg, fast)
         seen = []
         for name, m in model.named_modules():
             if name.endswith("lora_A.default"):
@@ -189,8 +196,8 @@ def test_lora_branches_take_bf16_input_under_autocast(tiny_dir, tmp_path):
         batch = _batch(proc)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = fast.answer_only_loss(model, inputs, batch["labels"])
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast.training(model):
+            loss = floss.answer_only_loss(model, inputs, batch["labels"])
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[precision] = (loss.detach(), grads, set(seen))
@@ -201,3 +208,45 @@ def test_lora_branches_take_bf16_input_under_autocast(tiny_dir, tmp_path):
     for n in g0:
         assert g0[n].dtype == torch.float32  # the adapters' master weights stay float32
         assert torch.equal(g0[n], g1[n]), n
+
+
+def test_fast_path_object_resolves_each_flag_and_says_why():
+    from types import SimpleNamespace
+
+    from qwenvl_tune.config import ModelConfig
+
+    hf = SimpleNamespace(model_type="qwen2_5_vl", vision_config=None)
+    on = FastPath.resolve(ModelConfig(kernels="none"), hf, autocast=True, cuda=False)
+    assert on.vision_varlen and on.align_vision_mlp and on.answer_only_loss and on.chunked_loss and on.lora_bf16_inputs
+    assert not on.flash_sdpa  # a CUDA switch: nothing to change on a CPU
+    fsdp = FastPath.resolve(ModelConfig(kernels="none"), hf, fsdp=True, autocast=False, cuda=False)
+    assert not fsdp.chunked_loss and not fsdp.align_vision_mlp and not fsdp.lora_bf16_inputs
+    assert any("FSDP" in n for n in fsdp.notes) and any("autocast" in n for n in fsdp.notes)
+    off = FastPath.resolve(ModelConfig(fast_path=False, kernels="none"), hf, cuda=False)
+    assert not any([off.vision_varlen, off.align_vision_mlp, off.loader_indices, off.answer_only_loss])
+    assert "align_vision_mlp" not in off.replace().describe().split("\n")[0]
+    assert on.replace(align_vision_mlp=False).align_vision_mlp is False and on.align_vision_mlp  # ablations copy
+
+
+def test_an_unrecognised_mlp_layout_is_reported_not_silently_skipped(tiny_dir, capsys):
+    from qwenvl_tune.modeling.load import load_base_model as load
+
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
+    model = load(cfg.model)
+    for mlp in _vision_mlps(model):  # as if a transformers release renamed the attribute
+        mlp.renamed_down_proj = mlp.down_proj
+        del mlp.down_proj
+    lines = FastPath.resolve(cfg.model, model.config, cuda=False).apply(model)
+    assert any(line.startswith("warning: 0 vision MLPs padded") for line in lines), lines
+
+
+def test_flash_sdpa_switch_is_restored(monkeypatch):
+    from qwenvl_tune.modeling.attention import flash_sdpa
+
+    state = {"cudnn": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: state["cudnn"])
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: state.update(cudnn=on))
+    with flash_sdpa(True):
+        assert state["cudnn"] is False
+    assert state["cudnn"] is True

@@ -46,22 +46,24 @@ def test_auto_kernels_choose_liger_only_where_it_runs(tiny_dir, monkeypatch, cap
 
     from qwenvl_tune.config import build_config
     from qwenvl_tune.modeling import kernels
+    from qwenvl_tune.modeling.fastpath import FastPath
     from qwenvl_tune.modeling.load import load_base_model, prepare_for_training
 
     cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
     assert cfg.model.kernels == "auto"
     model = load_base_model(cfg.model)
+    family = model.config.model_type
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert kernels.resolve_kernels("auto", model) == ("none", "no CUDA GPU")
-    prepare_for_training(model, cfg)  # trains without, and says why
-    assert "model.kernels=auto: none (no CUDA GPU)" in capsys.readouterr().out
+    assert kernels.resolve_kernels("auto", family) == ("none", "no CUDA GPU")
+    fast = FastPath.resolve(cfg.model, model.config)
+    assert fast.kernels == "none" and "kernels: none (no CUDA GPU)" in fast.describe()  # trains without, says why
+    prepare_for_training(model, cfg, fast)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
-    chosen, why = kernels.resolve_kernels("auto", model)
+    chosen, why = kernels.resolve_kernels("auto", family)
     assert chosen == "none" and "pip install 'qwenvl-tune[kernels]'" in why
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
-    assert kernels.resolve_kernels("auto", model)[0] == "liger"
-    model.config.model_type = "llava"
-    assert kernels.resolve_kernels("auto", model)[0] == "none"
-    assert kernels.resolve_kernels("none", model) == ("none", "asked for")
+    assert kernels.resolve_kernels("auto", family)[0] == "liger"
+    assert kernels.resolve_kernels("auto", "llava")[0] == "none"
+    assert kernels.resolve_kernels("none", family) == ("none", "asked for")

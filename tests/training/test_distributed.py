@@ -15,13 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import swatch, tiny_overrides, write_split
+from conftest import ENV, ROOT, equal_length_data, swatch, tiny_overrides, write_split
 from qwenvl_tune.data.loader import EpochBatchSampler
 from qwenvl_tune.inference.bulk import bulk_predict, completed_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: tens of seconds on 2 CPU cores
+
 
 
 def test_rank_slices_rebuild_the_single_process_batches():
@@ -54,15 +53,6 @@ def test_validation_shards_keep_ranks_in_step_and_score_each_sample_once(n, worl
     assert scored == sorted(f"s{i}" for i in range(n))  # each sample scored exactly once
 
 
-def _equal_length_data(tmp_path: Path) -> Path:
-    # same image size and answers of equal token length: per-rank token means average to the global mean
-    rows = [{"image": f"{i}.png", "prefix": "read the code", "suffix": {"code": f"{1000 + 1111 * i}"}} for i in range(8)]
-    imgs = {f"{i}.png": swatch((30 * i, 100, 200 - 20 * i), (112, 112)) for i in range(8)}
-    write_split(tmp_path / "D" / "train", rows, imgs)
-    write_split(tmp_path / "D" / "valid", rows[:3], {k: imgs[k] for k in ("0.png", "1.png", "2.png")})
-    return tmp_path / "D"
-
-
 def _losses(run: Path) -> dict[int, float]:
     rows = [r for f in run.glob("logs/**/metrics.csv") for r in csv.DictReader(open(f))]
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
@@ -84,7 +74,7 @@ def _cli(*args: str) -> None:
 
 
 def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
-    data = _equal_length_data(tmp_path)
+    data = equal_length_data(tmp_path)
     one = _train(data, tiny_dir, tmp_path / "runs", "one", devices=1, batch=4)
     two = _train(data, tiny_dir, tmp_path / "runs", "two", devices=2, batch=2)
     a = load_file(one / "last" / "adapter_model.safetensors")
@@ -109,7 +99,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
 def test_ddp_resume_from_an_epoch_end_checkpoint_reaches_the_uninterrupted_weights(tiny_dir, tmp_path):
     import shutil
 
-    data = _equal_length_data(tmp_path)
+    data = equal_length_data(tmp_path)
     # 8 documents, 2 ranks x 2: two steps an epoch; the step-2 checkpoint is the end of epoch 0
     run = _train(data, tiny_dir, tmp_path / "runs", "full", devices=2, batch=2, **{"model.method": "full"})
     cut = tmp_path / "runs" / "cut"
@@ -175,8 +165,59 @@ def test_bulk_killed_halfway_then_restarted_writes_each_input_once(bulk_run, tmp
     partial = len(completed_inputs(out))
     assert 10 <= partial < 40
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # exit code 1: one input (0003.png) could not be read, and the summary counts it
+    assert done.returncode == 1 and "1 unreadable" in done.stdout, done.stderr[-2000:]
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     inputs = [l["input"] for l in lines]
     assert len(inputs) == len(set(inputs)) == 40
     assert f"{partial} already in" in done.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_bulk_workers_die_with_a_killed_command_and_the_rerun_writes_each_input_once(bulk_run, tmp_path):
+    folder = _inputs(tmp_path, 40)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "qwenvl_tune.cli", "predict", "--run", str(bulk_run), "--input", str(folder),
+           "--output", str(out), "--devices", "2", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len([w for w in workers if Path(f"/proc/{w}").exists()]) >= 2
+    proc.send_signal(signal.SIGKILL)  # the command only, as `kill -9 PID` or an OOM kill does
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and
+                                         "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+    assert not alive, f"workers outlived their command: {alive}"
+    lines_after_kill = len(out.read_text().splitlines())
+    time.sleep(1)
+    assert len(out.read_text().splitlines()) == lines_after_kill  # nobody writes any more
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "1 unreadable" in done.stdout, done.stderr[-2000:]
+    inputs = [json.loads(line)["input"] for line in out.read_text().splitlines()]
+    assert len(inputs) == len(set(inputs)) == 40
+
+
+def test_a_second_bulk_command_on_the_same_output_refuses(bulk_run, tmp_path):
+    from qwenvl_tune.inference.bulk import output_lock
+
+    folder = _inputs(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "qwenvl_tune.cli", "predict", "--run", str(bulk_run), "--input", str(folder),
+           "--output", str(out)]
+    with output_lock(out):  # as a first command running now
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"being written by another qwenvl-tune predict (pid {os.getpid()})" in done.stderr
+    assert not out.exists() or out.read_text() == ""  # it wrote nothing
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)  # free again: it runs
+    assert done.returncode == 1  # one of the inputs is unreadable (0003.png)
+    assert len(out.read_text().splitlines()) == 4

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: tens of seconds on 2 CPU cores
+
 FSDP_OK = dist.is_available() and dist.is_gloo_available()
 
 

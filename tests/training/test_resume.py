@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,15 +18,15 @@ import pytest
 from safetensors.torch import load_file
 import torch
 
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
-from qwenvl_tune.training.checkpoints import (MARKER, TRAINER_STATE, CheckpointError, is_complete, latest_resumable,
-                                              save_checkpoint)
-from qwenvl_tune.training.module import FineTuneModule, NonFiniteError
-from qwenvl_tune.training.run import TrainingInterrupted
+from qwenvl_tune.rundir import MARKER, TRAINER_STATE, CheckpointError, RunDir, is_complete
+from qwenvl_tune.training.checkpoints import save_checkpoint
+from qwenvl_tune.training import loop as loop_mod
+from qwenvl_tune.training.step import NonFiniteError
+from qwenvl_tune.errors import TrainingInterrupted
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(data, model, out, name, **kw):
@@ -45,17 +46,17 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture
 def interrupt_at(monkeypatch):
-    """Send this process a real SIGINT (Ctrl-C) from inside the training step at a given global step."""
+    """Send this process a real SIGINT (Ctrl-C) during a given optimizer step (after its backward pass)."""
     def arm(step: int):
-        orig = FineTuneModule.training_step
+        orig = loop_mod.optimizer_step
         state = {"fired": False}
 
-        def patched(self, batch, batch_idx):
-            if self.trainer.global_step == step and not state["fired"]:
+        def patched(loop, pending):
+            if loop.progress.step == step and not state["fired"]:
                 state["fired"] = True
                 os.kill(os.getpid(), signal.SIGINT)
-            return orig(self, batch, batch_idx)
-        monkeypatch.setattr(FineTuneModule, "training_step", patched)
+            return orig(loop, pending)
+        monkeypatch.setattr(loop_mod, "optimizer_step", patched)
     yield arm
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -70,7 +71,7 @@ def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path
     with pytest.raises(TrainingInterrupted, match="--resume"):
         api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut"))
     run = tmp_path / "cut"
-    ckpt = latest_resumable(run)
+    ckpt = RunDir(run).latest_resumable()
     assert ckpt is not None and json.loads((ckpt / MARKER).read_text())["global_step"] == 4
     assert max(_losses(run)) == 3
     assert is_complete(run / "last") and not is_complete(run / "best")
@@ -112,7 +113,7 @@ def test_resume_from_an_end_of_epoch_checkpoint_trains_the_same_steps(sample_dat
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(sample_data, tiny_dir, tmp_path):
-    from qwenvl_tune.training.module import warmup_linear_decay
+    from qwenvl_tune.training.step import warmup_linear_decay
 
     run = api.train(_cfg(sample_data, tiny_dir, tmp_path, "lr", **{"train.max_epochs": 1}))
     rows = [r for f in run.glob("logs/**/metrics.csv") for r in csv.DictReader(open(f)) if r.get("lr")]
@@ -123,7 +124,7 @@ def test_logged_learning_rate_is_the_one_each_step_used(sample_data, tiny_dir, t
 def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path):
     cfg = _cfg(sample_data, tiny_dir, tmp_path, "auto", **{"train.max_epochs": 1})
     run = api.train(cfg, resume="auto")  # nothing to resume: a fresh run
-    assert json.loads((latest_resumable(run) / MARKER).read_text())["global_step"] == 3
+    assert json.loads((RunDir(run).latest_resumable() / MARKER).read_text())["global_step"] == 3
     cfg2 = _cfg(sample_data, tiny_dir, tmp_path, "auto", **{"train.max_epochs": 2})
     api.train(cfg2, resume="auto")
     assert max(_losses(run)) == 5  # steps 0..5 logged across the two invocations
@@ -146,10 +147,10 @@ def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path
     with pytest.raises(NonFiniteError, match=r"non-finite loss .* global step 4.*samples: \['train:"):
         api.train(cfg)
     run = tmp_path / "nan"
-    ckpt = latest_resumable(run)
+    ckpt = RunDir(run).latest_resumable()
     assert json.loads((ckpt / MARKER).read_text())["global_step"] == 4  # the last good step, intact
     state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert state["model"] and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not is_complete(run / "last")
 
 
@@ -201,6 +202,7 @@ def _train_cmd(data, model, out, name, extra=()):
     return [sys.executable, "-m", "qwenvl_tune.cli", "train", *args, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume(sample_data, tiny_dir, tmp_path):
     cmd = _train_cmd(sample_data, tiny_dir, tmp_path, "killed")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -208,14 +210,14 @@ def test_sigkill_during_training_then_resume(sample_data, tiny_dir, tmp_path):
     run = tmp_path / "killed"
     deadline = time.time() + 120
     while time.time() < deadline:
-        ck = latest_resumable(run) if run.exists() else None
+        ck = RunDir(run).latest_resumable() if run.exists() else None
         if ck is not None and json.loads((ck / MARKER).read_text())["global_step"] >= 6:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    ck = latest_resumable(run)
+    ck = RunDir(run).latest_resumable()
     step = json.loads((ck / MARKER).read_text())["global_step"]
     assert step >= 6
     resume = _train_cmd(sample_data, tiny_dir, tmp_path, "killed", ["--resume", str(run), "--train.max_epochs=4"])
@@ -258,28 +260,25 @@ def test_sigkill_during_checkpoint_write_never_publishes(tiny_dir, tmp_path):
     proc.wait()
     leftovers = [p.name for p in (run / "checkpoints").iterdir()]
     assert any(".tmp-" in n for n in leftovers) and "step=0000009-epoch=003" not in leftovers
-    assert latest_resumable(run) == good
+    assert RunDir(run).latest_resumable() == good
 
 
-def test_non_finite_gradient_is_caught_once_per_step_with_the_step_samples(tiny_dir):
-    from types import SimpleNamespace
+def test_non_finite_gradient_is_caught_once_per_step_with_the_step_samples():
+    from qwenvl_tune.training.step import non_finite_error, step_stats
 
-    from qwenvl_tune.config import build_config
-    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
-
-    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
-    module = FineTuneModule(prepare_for_training(load_base_model(cfg.model), cfg), load_processor(tiny_dir, 784, 784),
-                            cfg)
-    module._trainer = SimpleNamespace(global_step=7, current_epoch=1, world_size=1)
-    params = [p for p in module.model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    module._pending = [(torch.tensor(2.0), 0, ["train:1"]), (torch.tensor(1.5), 1, ["train:2"])]
-    module.on_before_optimizer_step(torch.optim.SGD(params, lr=0.5))  # all finite: nothing raised, the record cleared
-    # to be logged after the step: the step's mean loss and the learning rate it used
-    assert module._pending == [] and module._step_loss == (pytest.approx(1.75), 0.5)
-    params[3].grad[0] = float("inf")
-    module._pending = [(torch.tensor(2.0), 2, ["train:3"])]
-    with pytest.raises(NonFiniteError, match=r"non-finite gradient before optimizer step 7; samples of this step: "
-                                             r"\['train:3'\]"):
-        module.on_before_optimizer_step(None)
+    # all finite: the step's mean loss over its micro-batches, no flags
+    pending = [(torch.tensor(2.0), 0, ["train:1"]), (torch.tensor(1.5), 1, ["train:2"])]
+    mean, bad_loss, bad_grad, stop = step_stats([l for l, _, _ in pending], torch.tensor(3.0), False, 1)
+    assert (mean, bad_loss, bad_grad, stop) == (pytest.approx(1.75), 0.0, 0.0, 0.0)
+    # an infinite gradient norm (one host sync for the whole step): the step's samples are named
+    pending = [(torch.tensor(2.0), 2, ["train:3"])]
+    mean, bad_loss, bad_grad, _ = step_stats([l for l, _, _ in pending], torch.tensor(float("inf")), False, 1)
+    assert bad_grad == 1.0 and bad_loss == 0.0
+    err = non_finite_error(7, 1, pending, bad_grad, 1)
+    assert isinstance(err, NonFiniteError)
+    assert re.search(r"non-finite gradient before optimizer step 7; samples of this step: \['train:3'\]", str(err))
+    # a NaN loss names its micro-batch
+    pending = [(torch.tensor(1.0), 0, ["train:4"]), (torch.tensor(float("nan")), 1, ["train:5"])]
+    _, bad_loss, _, _ = step_stats([l for l, _, _ in pending], torch.tensor(1.0), False, 1)
+    assert bad_loss == 1.0
+    assert "batch 1; samples: ['train:5']" in str(non_finite_error(3, 0, pending, 0.0, 1))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..modeling.positions import VisionIndex, image_token_id, mrope_positions
+from .positions import VisionIndex, image_token_id, mrope_positions
 from .conversation import render
 from .images import load_image
 from .records import DataError, Record

@@ -71,7 +71,11 @@ def _decode(source, name: str, size: int, max_pixels: int, where: tuple) -> Imag
                 rgb = to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:
+        # PIL's own message names its file object (an in-memory buffer for uploads): say it plainly
+        raise fail("not a readable image (not a format PIL can identify: JPEG, PNG, TIFF, WebP, BMP, GIF, ...)") \
+            from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise fail(f"not a readable image: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise fail(f"corrupt or truncated image: {e}") from None

@@ -1,16 +1,11 @@
 """A training DataLoader that can resume in the middle of an epoch.
 
 The order of each epoch is a pure function of (seed, epoch): a seeded permutation, optionally
-length-grouped so that batches hold samples of similar length (less padding). The trainer marks
-each batch whose optimisation finished (``mark_completed``); the loader exposes ``state_dict`` /
-``load_state_dict`` (Lightning's stateful-loader interface), which Lightning saves in its checkpoint
-and restores before iterating, so a resumed run trains on exactly the batches the uninterrupted
-run would have. Batches are sharded across data-parallel ranks (every rank gets the same number).
-
-The epoch number comes from the trainer's ``current_epoch`` when an epoch starts (``start_epoch``,
-called from ``on_train_epoch_start``), not from Lightning's ``set_epoch``: Lightning passes its
-count of processed epochs, which after a restore from an end-of-epoch checkpoint runs one ahead of
-the epoch being trained, so the resumed run would train on the next epoch's order.
+length-grouped so that batches hold samples of similar length (less padding). The training loop sets
+the position before each epoch (``set_position(epoch, done)``; ``done`` > 0 only for a resumed run),
+so a resumed run trains on exactly the batches the uninterrupted run would have, including when the
+checkpoint was taken at an epoch's last step (the epoch then yields nothing and the next one starts).
+Batches are sharded across data-parallel ranks (every rank gets the same number).
 """
 
 from __future__ import annotations
@@ -77,30 +72,18 @@ class ResumableLoader(DataLoader):
         # A private generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout masks would drift from the uninterrupted run's.
         # pin_memory: page-locked batches, so the copy to the GPU does not block the training process
-        # (+8.5% samples/s at batch 2 on an H100, bench/results/train_speed_3b_pinned.json).
+        # (+8.5% samples/s at batch 2 on an H100, bench/results/results.jsonl, run train_speed_3b_pinned).
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                          persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed),
                          pin_memory=pin_memory)
         self._sampler = sampler
-        self.completed = 0
 
     def __len__(self) -> int:
         return len(self._sampler)
 
-    def start_epoch(self, epoch: int) -> None:
-        """An epoch begins from its first batch (the trainer's ``on_train_epoch_start``; a run restored
-        mid-epoch does not start one, and keeps the position ``load_state_dict`` gave it)."""
-        self._sampler.epoch, self._sampler.skip, self.completed = epoch, 0, 0
-
-    def mark_completed(self) -> None:
-        self.completed += 1
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._sampler.epoch, "completed": self.completed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._sampler.epoch = int(state["epoch"])
-        self._sampler.skip = self.completed = int(state["completed"])
+    def set_position(self, epoch: int, done: int = 0) -> None:
+        """The next iteration yields ``epoch``'s batches after the first ``done`` (a resumed run's position)."""
+        self._sampler.epoch, self._sampler.skip = epoch, done
 
 
 class RankShardBatchSampler(Sampler[list[int]]):

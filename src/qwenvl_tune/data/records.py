@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 REQUIRED_KEYS = ("image", "prefix", "suffix")
+from ..errors import QwenVLTuneError
+
 SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
 ANNOTATIONS = "annotations.jsonl"
 
 
-class DataError(Exception):
+class DataError(QwenVLTuneError):
     """Bad input data. ``file``, ``line`` and ``field`` say where."""
 
     def __init__(self, message: str, file: str | Path | None = None, line: int | None = None, field: str | None = None):

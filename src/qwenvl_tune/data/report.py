@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..config import build_config
 from .check import SplitReport, check_split
 from .records import SplitError, find_split
 
@@ -108,20 +106,3 @@ def format_report(rep: dict[str, Any]) -> str:
         fld = f" [{p['field']}]" if p["field"] else ""
         lines.append(f"  {p['level']:<7} {loc}{fld}: {p['message']}")
     return "\n".join(lines)
-
-
-def run_check(path: str | Path, config_path: str | None, overrides: dict[str, Any], as_json: bool = False) -> int:
-    """CLI entry: print the report; exit code 1 when there are errors."""
-    from ..modeling.load import load_processor
-
-    config = build_config(config_path, {**overrides, "data.path": str(path)})
-    try:
-        processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
-    except OSError as e:
-        print(f"note: token counts skipped: the processor of {config.model.name_or_path} could not be loaded "
-              f"({type(e).__name__}); pass --model with a local checkpoint folder to count tokens", file=sys.stderr)
-        processor = None
-    rep = build_report(path, processor, config.data.system_message, config.data.max_length,
-                       config.data.max_image_pixels)
-    print(json.dumps(rep, indent=2, ensure_ascii=False) if as_json else format_report(rep))
-    return 1 if rep["errors"] else 0

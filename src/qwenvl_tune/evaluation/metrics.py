@@ -25,6 +25,8 @@ from typing import Any, Iterable
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from ..config import METRICS
+
 _MISSING = object()
 
 
@@ -148,7 +150,8 @@ def _tree(value: Any, label: str, nodes: list[str], adj: list[list[int]]) -> Non
     nodes.append(label)
     adj.append([])
     if isinstance(value, dict):
-        kids = [(f"<{k}>", v) for k, v in value.items()]
+        # an object's keys have no order: sorted, so {"b", "a"} and {"a", "b"} are the same tree
+        kids = [(f"<{k}>", v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))]
     elif isinstance(value, list):
         kids = [("<item>", v) for v in value]
     else:
@@ -162,7 +165,8 @@ def _tree(value: Any, label: str, nodes: list[str], adj: list[list[int]]) -> Non
 
 
 def json_tree(value: Any) -> tuple[list[str], list[list[int]]]:
-    """A JSON value as an ordered labelled tree (depth-first node list + child lists), rooted at '<root>'."""
+    """A JSON value as a labelled tree (depth-first node list + child lists), rooted at '<root>'; list items keep
+    their order, object keys are sorted."""
     nodes: list[str] = []
     adj: list[list[int]] = []
     if value is None:
@@ -207,9 +211,21 @@ def align_lists(pred: Any, gold: Any) -> Any:
             placed[c] = align_lists(pred[r], gold[c])
             used.add(r)
         # gold slots with no predicted item stay empty (a sentinel that never equals a gold leaf)
-        out = [p if p is not None else {"__unmatched__": True} for p in placed]
+        out = [p if p is not None else UNMATCHED for p in placed]
         return out + [pred[i] for i in range(len(pred)) if i not in used]
     return pred
+
+
+UNMATCHED = {"__unmatched__": True}
+
+
+def without_placeholders(value: Any) -> Any:
+    """``align_lists``' output without its empty gold slots: the prediction itself, reordered."""
+    if isinstance(value, dict):
+        return {k: without_placeholders(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_placeholders(v) for v in value if v is not UNMATCHED and v != UNMATCHED]
+    return value
 
 
 @dataclass
@@ -220,6 +236,10 @@ class SampleScore:
     truncated: bool = False
     json_repaired: bool = False
     ted_accuracy: float = 0.0
+    # Donut's protocol (evaluation/donut.py), for comparison with published numbers
+    donut_ted_accuracy: float = 0.0
+    donut_tp: int = 0
+    donut_wrong: int = 0
     tp: int = 0
     fp: int = 0
     fn: int = 0
@@ -266,14 +286,22 @@ def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, list_mat
         g_ok, g_val = parse_json(gold)
         if g_ok and isinstance(g_val, (dict, list)):
             gold, gold_is_json = g_val, True
-    score = SampleScore(edit_distance(pred_text.strip(), gold_text.strip()), ok, False, truncated, repaired)
+    # an output cut off by max_new_tokens never counts as valid, even when the text so far happens to parse
+    score = SampleScore(edit_distance(pred_text.strip(), gold_text.strip()), ok and not truncated, False, truncated,
+                        repaired)
     if not gold_is_json:
         score.exact_match = pred_text.strip() == gold_text.strip()
-        score.ted_accuracy = 1.0 if score.exact_match else 0.0
+        score.ted_accuracy = score.donut_ted_accuracy = 1.0 if score.exact_match else 0.0
         return score
+    from . import donut
+
+    donut_pred = pred if ok else None
+    score.donut_ted_accuracy = donut.ted_accuracy(donut_pred, gold)
+    score.donut_tp, score.donut_wrong = donut.field_counts(donut_pred, gold)
     if ok and list_matching == "unordered":
         pred = align_lists(pred, gold)
-    score.ted_accuracy = ted_accuracy(pred if ok else None, gold)
+    # the tree of what was predicted: alignment placeholders are not part of it
+    score.ted_accuracy = ted_accuracy(without_placeholders(pred) if ok else None, gold)
     gold_flat = {k: normalize_value(v, **norm) for k, v in flatten(gold).items()}
     pred_flat = {k: normalize_value(v, **norm) for k, v in flatten(pred).items()} if ok else {}
     pred_flat = {k: v for k, v in pred_flat.items() if not k.endswith("__unmatched__")}
@@ -292,6 +320,10 @@ def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, list_mat
     # Exact match is strict: the parsed document equals the gold one, no normalisation, lists in order.
     score.exact_match = bool(ok and parse_json(pred_text)[1] == gold)
     return score
+
+
+def _donut_f1(tp: int, wrong: int) -> float:
+    return tp / (tp + wrong / 2) if tp + wrong else 0.0
 
 
 def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
@@ -314,6 +346,8 @@ def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
         "json_valid": sum(s.json_valid for s in scores) / n,
         "json_repaired": sum(s.json_repaired for s in scores) / n,
         "ted_accuracy": sum(s.ted_accuracy for s in scores) / n,
+        "donut_ted_accuracy": sum(s.donut_ted_accuracy for s in scores) / n,
+        "donut_field_f1": _donut_f1(sum(s.donut_tp for s in scores), sum(s.donut_wrong for s in scores)),
         "exact_match": sum(s.exact_match for s in scores) / n,
         "truncated": sum(s.truncated for s in scores) / n,
         "field_precision": p,
@@ -325,7 +359,5 @@ def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
     }
 
 
-SCALAR_METRICS = ("edit_distance", "json_valid", "json_repaired", "exact_match", "field_precision", "field_recall",
-                  "field_f1", "field_accuracy", "ted_accuracy", "truncated")
-# Whether a larger value is better, for early stopping and the report.
-HIGHER_IS_BETTER = {m: m not in ("edit_distance", "json_repaired", "truncated") for m in SCALAR_METRICS}
+SCALAR_METRICS = tuple(METRICS)  # names and directions are declared once, in config
+HIGHER_IS_BETTER = dict(METRICS)

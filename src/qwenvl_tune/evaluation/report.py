@@ -19,7 +19,8 @@ from typing import Any, Sequence
 from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, flatten, normalize_value, parse_json,
                       score_sample)
 
-MODELS = ("finetuned", "unconstrained", "base")
+# columns, each a model decoded one way (constrained/unconstrained: the fine-tuned model decoded the other way)
+MODELS = ("finetuned", "constrained", "unconstrained", "base")
 
 
 def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
@@ -70,7 +71,7 @@ def field_chart_png(metrics: dict[str, Any]) -> bytes:
     fields = sorted({f for m in models for f in metrics[m].get("per_field_accuracy", {})})
     fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(fields), 3) + 1.2), dpi=110)
     height = 0.8 / max(len(models), 1)
-    colors = {"finetuned": "#2563eb", "unconstrained": "#93c5fd", "base": "#9ca3af"}
+    colors = {"finetuned": "#2563eb", "constrained": "#1e3a8a", "unconstrained": "#93c5fd", "base": "#9ca3af"}
     for j, m in enumerate(models):
         vals = [metrics[m]["per_field_accuracy"].get(f, 0.0) for f in fields]
         ax.barh([i + j * height for i in range(len(fields))], vals, height=height, label=m, color=colors[m])
@@ -107,6 +108,11 @@ def _fmt(v: Any) -> str:
 
 def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any]) -> str:
     ok, pred = parse_json(pred_raw)
+    if isinstance(gold, str):
+        # an answer stored as a JSON string (as Roboflow exports them) is compared per field, as the metrics do
+        g_ok, g_val = parse_json(gold)
+        if g_ok and isinstance(g_val, (dict, list)):
+            gold = g_val
     if isinstance(gold, str):
         status = "ok" if pred_raw.strip() == gold.strip() else "wrong"
         return (f'<table class="diff"><tr class="{status}"><td>(text)</td><td>{_fmt(gold)}</td>'
@@ -148,9 +154,10 @@ tr.extra td{background:#eff6ff;color:#1e40af} .bad{color:#b91c1c;font-weight:600
 
 
 def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
-               options: dict[str, Any]) -> None:
+               options: dict[str, Any], decoding: dict[str, str] | None = None) -> None:
     models = [m for m in MODELS if m in metrics]
-    head = "".join(f"<th>{m}</th>" for m in models)
+    decoding = decoding or {}
+    head = "".join(f'<th>{m}<br><span class="muted">{html.escape(decoding.get(m, ""))}</span></th>' for m in models)
     summary = []
     for name in SCALAR_METRICS:
         vals = [metrics[m][name] for m in models]
@@ -211,7 +218,7 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
     if html_report and rows:
         png = field_chart_png(metrics)
         (out_dir / "field_accuracy.png").write_bytes(png)
-        write_html(out_dir / "report.html", title, scored, metrics, png, options)
+        write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"))
     return result
 
 
@@ -224,3 +231,16 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
                 rows.append({k: ({"raw": v["raw"], "truncated": v.get("truncated", False)} if k in MODELS else v)
                              for k, v in r.items()})
     return rows
+
+
+def format_metrics(results: dict[str, Any]) -> str:
+    """The console table of an evaluation: one column per decoded model, labelled with how it was decoded."""
+    cols = [k for k in MODELS if k in results]
+    w = 15
+    lines = [f"{'metric':<18}" + "".join(f"{c:>{w}}" for c in cols), "-" * (18 + w * len(cols))]
+    for m in SCALAR_METRICS:
+        lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>{w}.3f}" for c in cols))
+    lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
+    for c, how in (results.get("decoding") or {}).items():
+        lines.append(f"  {c}: {how}")
+    return "\n".join(lines)

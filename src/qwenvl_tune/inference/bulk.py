@@ -9,20 +9,25 @@
   input that could not be read. Nothing stops on a bad file.
 - Resumable: inputs already in the output are skipped; a line cut off by a crash is discarded
   first. So an input is written exactly once, also across kills and restarts.
+- One command per output: an exclusive lock (``OUTPUT.lock``, holding the pid) makes a second command on
+  the same output refuse; the kernel drops it when the command dies.
 - ``devices > 1`` starts one worker process per device (GPU ``cuda:i``, or CPU processes), each
-  taking every N-th pending input.
+  taking every N-th pending input; the kernel kills the workers when the command dies, so none writes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing as mp
 import os
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+from ..errors import QwenVLTuneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 
@@ -79,29 +84,73 @@ def _append(output: Path, rows: Iterable[dict[str, Any]]) -> None:
         fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class OutputLocked(QwenVLTuneError):
+    """Another bulk extraction holds the output file."""
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """An exclusive lock on ``output`` for the whole command (``OUTPUT.lock`` beside it, holding the pid).
+
+    The kernel drops the lock when its process dies, so a killed command never leaves the output locked.
+    """
+    path = output.with_name(output.name + ".lock")
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise OutputLocked(f"{output} is being written by another qwenvl-tune predict (pid {holder}); wait for it to "
+                           f"finish, or choose another --output") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the command that started it dies (Linux ``PR_SET_PDEATHSIG``)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the parent's exit still ends the workers' pipes
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str, which: str, batch_size: int,
-            constrained: bool | None, counter: Any) -> None:
+            constrained: bool | None, counter: Any, overrides: dict[str, Any] | None = None,
+            parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     import torch
 
-    from ..data.images import load_image
-    from ..modeling.load import load_for_inference
-    from .generate import extraction_result, generate_for_images
-    from .structured import run_constraint
+    from ..rundir import RunDir
+    from .session import Predictor
 
     device = f"cuda:{rank}" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "cpu"
     if device == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    model, processor, config = load_for_inference(run_dir, which, device=device)
-    constraint = run_constraint(run_dir, model, processor,
-                                config.generate.constrained if constrained is None else constrained)
-    default_prompt = config.data.prompt
+    run = RunDir.open(run_dir).with_overrides(overrides)
+    predictor = Predictor.from_run(run, which, constrained=constrained, device=device)
     mine = items[rank::world]
 
     def read(chunk: list[dict]) -> tuple[list[dict], list, list[dict[str, Any]]]:
         ok_items, images, errors = [], [], []
         for it in chunk:
             try:
-                images.append(load_image(it["input"], max_pixels=config.data.max_image_pixels))
+                images.append(predictor.load_image(it["input"]))
                 ok_items.append(it)
             except Exception as e:  # noqa: BLE001 - recorded per input; the others go on
                 errors.append({"input": it["input"], "error": str(e)})
@@ -115,10 +164,8 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
         ok_items, images, rows = ahead.result()
         ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
         if images:
-            texts, cut = generate_for_images(model, processor, images, [it["prompt"] or default_prompt for it in ok_items],
-                                             config.data.system_message, len(images),
-                                             config.generate.max_new_tokens, constraint)
-            rows += [{"input": it["input"], **extraction_result(text, c)} for it, text, c in zip(ok_items, texts, cut)]
+            results = predictor.predict(images, [it["prompt"] for it in ok_items], batch_size=len(images))
+            rows += [{"input": it["input"], **res} for it, res in zip(ok_items, results)]
         _append(Path(output), rows)
         if counter is not None:
             with counter.get_lock():
@@ -128,44 +175,62 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
 
 def bulk_predict(run_dir: str | Path, source: str | Path, output: str | Path, *, devices: int = 1,
                  batch_size: int | None = None, which: str = "best", constrained: bool | None = None,
-                 progress: bool = True) -> dict[str, int]:
+                 progress: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, int]:
     """Extract every input not yet in ``output``. Returns counts: total, skipped (already done), written, errors."""
-    from ..training.checkpoints import read_run_config
+    from ..rundir import RunDir
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     items = list_inputs(source)
-    done = completed_inputs(output)
-    pending = [it for it in items if it["input"] not in done]
-    batch_size = batch_size or read_run_config(run_dir).generate.batch_size
-    devices = max(1, min(devices, len(pending))) if pending else 1
-    if pending:
-        if devices == 1:
-            _worker(0, 1, str(run_dir), pending, str(output), which, batch_size, constrained, None)
-        else:
-            ctx = mp.get_context("spawn")
-            counter = ctx.Value("i", 0)
-            procs = [ctx.Process(target=_worker, args=(r, devices, str(run_dir), pending, str(output), which,
-                                                         batch_size, constrained, counter)) for r in range(devices)]
-            for p in procs:
-                p.start()
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(pending), desc="extracting", unit="doc")
-            while any(p.is_alive() for p in procs):
-                time.sleep(0.5)
-                if bar is not None:
-                    bar.n = counter.value
-                    bar.refresh()
-            if bar is not None:
-                bar.n = counter.value
-                bar.close()
-            failed = [p.exitcode for p in procs if p.exitcode != 0]
-            if failed:
-                raise RuntimeError(f"{len(failed)} worker process(es) failed (exit codes {failed}); "
-                                   f"run the same command again to continue where they stopped")
+    with output_lock(output):
+        done = completed_inputs(output)
+        pending = [it for it in items if it["input"] not in done]
+        batch_size = batch_size or RunDir.open(run_dir).with_overrides(overrides).config.generate.batch_size
+        devices = max(1, min(devices, len(pending))) if pending else 1
+        if pending:
+            _extract(str(run_dir), pending, str(output), which, batch_size, constrained, overrides, devices, progress)
     written = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
     return {"total": len(items), "skipped": len(items) - len(pending), "written": len(pending),
             "errors": sum(1 for r in written if "error" in r), "lines": len(written)}
+
+
+def _extract(run_dir: str, pending: list[dict], output: str, which: str, batch_size: int, constrained: bool | None,
+             overrides: dict[str, Any] | None, devices: int, progress: bool) -> None:
+    """Run the workers (in this process for one device) with one progress bar over all of them."""
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="extracting", unit="doc")
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(0.5):
+            if bar is not None:
+                bar.n = counter.value
+                bar.refresh()
+
+    ticker = threading.Thread(target=refresh, daemon=True)
+    ticker.start()
+    try:
+        if devices == 1:
+            _worker(0, 1, run_dir, pending, output, which, batch_size, constrained, counter, overrides)
+            return
+        procs = [ctx.Process(target=_worker, args=(r, devices, run_dir, pending, output, which, batch_size,
+                                                     constrained, counter, overrides, os.getpid()))
+                 for r in range(devices)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} worker process(es) failed (exit codes {failed}); "
+                               f"run the same command again to continue where they stopped")
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.n = counter.value
+            bar.close()

@@ -15,7 +15,12 @@ from typing import Any
 
 
 from ..modeling.load import DTYPES, load_base_model, load_processor
-from ..training.checkpoints import is_complete, read_run_config
+from ..errors import QwenVLTuneError
+from ..rundir import EXPORT_INFO, RunDir, copy_public_files
+
+
+class ExportError(QwenVLTuneError, FileExistsError):
+    """The export folder exists and holds files (nothing is overwritten)."""
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, which: str = "best",
@@ -26,40 +31,40 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, whi
         ``out``, holding either the adapter (+ processor) or merged full weights (+ processor).
 
     Raises:
-        FileNotFoundError: the checkpoint is missing or incomplete.
-        FileExistsError: ``out`` exists and is not empty.
+        RunFolderError: the run folder or the checkpoint is missing or incomplete.
+        ExportError: ``out`` exists and is not empty.
     """
-    run_dir, out = Path(run_dir), Path(out)
-    ckpt = run_dir / which
-    if not is_complete(ckpt):
-        raise FileNotFoundError(f"{ckpt} is missing or incomplete")
+    run, out = RunDir.open(run_dir), Path(out)
+    ckpt = run.checkpoint(which)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
-    config = read_run_config(run_dir)
+        raise ExportError(f"{out} exists and is not empty")
+    config = run.config
     processor = load_processor(ckpt, config.data.min_pixels, config.data.max_pixels)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"run": str(run_dir), "checkpoint": which, "method": config.model.method,
+    info: dict[str, Any] = {"run": str(run.path.resolve()), "checkpoint": which, "method": config.model.method,
                             "base_model": config.model.name_or_path}
-    if config.model.method == "full" or not merge:
-        # full fine-tuning already has complete weights; an adapter export is the adapter as trained
-        for f in ckpt.iterdir():
-            if f.name not in ("COMPLETE", "trainer_state.ckpt"):
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
+    if not merge:
+        # the checkpoint as trained: an adapter (LoRA/QLoRA) or full weights in their saved dtype
+        copy_public_files(ckpt, out)
         info["merged"] = config.model.method == "full"
     else:
-        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText
 
-        base_cfg = type(config.model)(**{**config.model.__dict__, "dtype": dtype})
-        base = load_base_model(base_cfg, quantize=False)  # a QLoRA run merges into the bf16 base
-        merged = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
+        if config.model.method == "full":  # complete weights already: written again in the asked dtype
+            merged = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=DTYPES[dtype])
+        else:
+            from peft import PeftModel
+
+            base_cfg = type(config.model)(**{**config.model.__dict__, "dtype": dtype})
+            base = load_base_model(base_cfg, quantize=False)  # a QLoRA run merges into the bf16 base
+            merged = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
         merged.to(DTYPES[dtype])
         merged.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)
         info["merged"] = True
         info["dtype"] = dtype
-    schema = run_dir / "answer_schema.json"
-    if schema.is_file():
-        shutil.copy2(schema, out / "answer_schema.json")
-    (out / "qwenvl_tune_export.json").write_text(json.dumps(info, indent=2))
+    if run.schema_path.is_file():
+        shutil.copy2(run.schema_path, out / run.schema_path.name)
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return out
 

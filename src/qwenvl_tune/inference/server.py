@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,52 +25,128 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..data.images import load_image_bytes
 from ..data.records import DataError
+from ..modeling.generate import Generation, Sampling
+from .session import extraction_result
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    """Every error in OpenAI's shape (``message``, ``type``, ``param``, ``code``), whatever the route."""
+    kind = {401: "authentication_error", 429: "rate_limit_error", 503: "server_busy"}.get(status, "invalid_request_error")
+    if status >= 500 and status != 503:
+        kind = "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, counted as it arrives (chunked or not); None as soon as it passes ``limit``."""
+    parts, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _replayed(request: Request, body: bytes) -> Request:
+    """A request whose body is ``body`` (already read), for the form parser."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def _boundary(content_type: str) -> str | None:
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            return value.strip('"')
+    return None
 
 
 @dataclass
 class _Job:
     image: Any
-    prompt: str
+    prompt: str | None
     future: asyncio.Future
+    system: str | None = None
+    constraint: Any = "run"  # the session's own (learnt schema), None (free) or a compiled caller schema
+    sampling: Sampling = field(default_factory=Sampling)
+    max_new_tokens: int | None = None
     queued: float = field(default_factory=time.perf_counter)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        """Jobs with the same key are generated together."""
+        return (self.system, self.constraint if isinstance(self.constraint, str) or self.constraint is None
+                else id(self.constraint), self.sampling, self.max_new_tokens)
+
+
+class QueueFull(Exception):
+    pass
 
 
 class Extractor:
-    """The loaded model plus a queue that batches concurrent requests."""
+    """A run's inference session plus a bounded queue that batches concurrent requests."""
 
     def __init__(self, run_dir: str | Path, which: str = "best", max_batch: int = 8, wait_ms: float = 10.0,
-                 device: str | None = None):
-        from ..inference.structured import run_constraint
-        from ..modeling.load import load_for_inference
+                 device: str | None = None, overrides: dict[str, Any] | None = None, max_queue: int = 256):
+        from ..rundir import RunDir
+        from .session import Predictor
 
         self.run_dir = Path(run_dir)
-        self.model, self.processor, self.config = load_for_inference(self.run_dir, which, device=device)
-        self.constraint = run_constraint(self.run_dir, self.model, self.processor, self.config.generate.constrained)
-        self.max_batch, self.wait = max_batch, wait_ms / 1000
+        self.predictor = Predictor.from_run(RunDir.open(run_dir).with_overrides(overrides), which, device=device)
+        self.config = self.predictor.config
+        self.max_batch, self.wait, self.max_queue = max_batch, wait_ms / 1000, max_queue
         self.queue: asyncio.Queue[_Job] | None = None
         self.batches: list[int] = []  # sizes of the batches generated (for /health and tests)
+        self.model_lock = threading.Lock()  # one generation at a time on the model: batches and streams
+        self._schemas: dict[str, Any] = {}
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
-        self.queue = asyncio.Queue()
+        self.queue = asyncio.Queue(maxsize=self.max_queue)
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self._worker:
             self._worker.cancel()
 
+    def constraint_for_schema(self, schema: dict[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._schemas:
+            if len(self._schemas) >= 64:
+                self._schemas.pop(next(iter(self._schemas)))
+            self._schemas[key] = self.predictor.compile_schema(schema)
+        return self._schemas[key]
+
+    async def submit(self, job: _Job) -> Generation:
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        return await job.future
+
     async def extract(self, image: Any, prompt: str) -> dict[str, Any]:
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(image, prompt, fut))
-        return await fut
+        job = _Job(image, prompt, asyncio.get_running_loop().create_future())
+        gen = await self.submit(job)
+        return {**extraction_result(gen.text, gen.truncated), **job.timing}
+
+    def _generate(self, jobs: list[_Job]) -> list[Generation]:
+        first = jobs[0]
+        items = [self.predictor.encode(j.image, j.prompt, j.system) for j in jobs]
+        with self.model_lock:
+            return self.predictor.complete(items, constraint=first.constraint, max_new_tokens=first.max_new_tokens,
+                                           sampling=first.sampling)
 
     async def _run(self) -> None:
-        from ..inference.generate import extraction_result, generate_for_images
-
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
@@ -78,27 +156,37 @@ class Extractor:
                     jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
-            started = time.perf_counter()
-            try:
-                texts, cut = await loop.run_in_executor(None, lambda: generate_for_images(
-                    self.model, self.processor, [j.image for j in jobs], [j.prompt for j in jobs],
-                    self.config.data.system_message, len(jobs), self.config.generate.max_new_tokens, self.constraint))
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the server stays up
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                continue
-            self.batches.append(len(jobs))
-            done = time.perf_counter()
-            for j, text, c in zip(jobs, texts, cut):
-                j.future.set_result({**extraction_result(text, c), "batch_size": len(jobs),
-                                     "timing_ms": {"queued": round((started - j.queued) * 1000, 1),
-                                                   "generate": round((done - started) * 1000, 1),
-                                                   "total": round((done - j.queued) * 1000, 1)}})
+            groups: dict[tuple, list[_Job]] = {}
+            for j in jobs:
+                groups.setdefault(j.key(), []).append(j)
+            for group in groups.values():  # a failing group fails its requests, never this loop
+
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(None, self._generate, group)
+                except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the server stays up
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    continue
+                self.batches.append(len(group))
+                done = time.perf_counter()
+                for j, result in zip(group, results):
+                    if j.future.done():  # the client went away
+                        continue
+                    j.timing = {"batch_size": len(group),
+                                "timing_ms": {"queued": round((started - j.queued) * 1000, 1),
+                                              "generate": round((done - started) * 1000, 1),
+                                              "total": round((done - j.queued) * 1000, 1)}}
+                    j.future.set_result(result)
 
 
 def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_mb: float = 20.0,
-               max_image_pixels: int = 50_000_000) -> FastAPI:
+               max_image_pixels: int | None = None, max_concurrent_uploads: int = 16) -> FastAPI:
+    """The service around ``extractor``. ``max_image_pixels`` defaults to the run's ``data.max_image_pixels``,
+    the limit its training data was read under."""
+    if max_image_pixels is None:
+        max_image_pixels = extractor.predictor.max_image_pixels
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         extractor.start()
@@ -108,16 +196,26 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
     app = FastAPI(title="qwenvl-tune", description="Document image -> JSON with a fine-tuned Qwen-VL model",
                   lifespan=lifespan)
     max_bytes = int(max_upload_mb * 2**20)
+    body_limit = max_bytes + 64 * 1024  # the file plus multipart headers and a prompt
+    reading = asyncio.Semaphore(max_concurrent_uploads)
+    app.state.last_body_bytes = 0
 
     def _authorised(request: Request) -> bool:
-        return api_key is None or hmac.compare_digest(request.headers.get("x-api-key", ""), api_key)
+        """X-API-Key, or ``Authorization: Bearer KEY`` as OpenAI clients send it."""
+        if api_key is None:
+            return True
+        bearer = request.headers.get("authorization", "")
+        given = bearer[7:] if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        return hmac.compare_digest(given, api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": extractor.run_dir.name, "base_model": extractor.config.model.name_or_path,
-                "method": extractor.config.model.method, "constrained": extractor.constraint is not None,
+                "method": extractor.config.model.method, "constrained": extractor.predictor.constrained,
+                "decoding": extractor.predictor.decoding, "max_image_pixels": max_image_pixels,
                 "queued": extractor.queue.qsize() if extractor.queue else 0, "batches": len(extractor.batches),
-                "largest_batch": max(extractor.batches, default=0), "api_key_required": api_key is not None}
+                "largest_batch": max(extractor.batches, default=0), "max_queue": extractor.max_queue,
+                "api_key_required": api_key is not None}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -132,11 +230,23 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
             return _error(415, f"send multipart/form-data with an 'image' file field, not '{ctype or 'nothing'}'",
                           "unsupported_media_type")
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+        if length and length.isdigit() and int(length) > body_limit:
             return _error(413, f"upload of {int(length) / 2**20:.1f} MiB exceeds the {max_upload_mb:g} MiB limit",
                           "too_large")
+        async with reading:  # a cap on uploads being read at once (each holds at most body_limit bytes)
+            body = await _read_limited(request, body_limit)
+        app.state.last_body_bytes = len(body) if body is not None else body_limit + 1
+        if body is None:  # stopped reading at the limit: nothing past it was read or spooled
+            return _error(413, f"upload exceeds the {max_upload_mb:g} MiB limit (stopped reading at the limit)",
+                          "too_large")
+        boundary = _boundary(ctype)
+        if boundary is None:
+            return _error(400, "multipart/form-data without a boundary parameter in its Content-Type", "bad_request")
+        if b"--" + boundary.encode("latin-1") + b"--" not in body:
+            return _error(400, "the multipart body ends without its closing boundary (a truncated upload?)",
+                          "bad_request")
         try:
-            form = await request.form(max_part_size=max_bytes + 1)
+            form = await _replayed(request, body).form(max_part_size=max_bytes + 1)
         except Exception as e:  # noqa: BLE001 - malformed multipart bodies and oversize parts
             msg = str(e)
             status = 413 if "size" in msg.lower() or "too large" in msg.lower() else 400
@@ -157,22 +267,159 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
             return _error(status, e.reason, "too_large" if status == 413 else "bad_image")
         try:
             result = await extractor.extract(image, prompt)
+        except QueueFull:
+            return _error(429, f"the queue is full ({extractor.max_queue} requests waiting); retry later", "queue_full")
         except Exception as e:  # noqa: BLE001
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "internal")
         return {"image": upload.filename, **result}
 
+    _openai_routes(app, extractor, _authorised, max_bytes, max_image_pixels, reading)
     return app
 
 
+def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_bytes: int, max_pixels: int,
+                   reading: asyncio.Semaphore) -> None:
+    """``/v1/chat/completions`` and ``/v1/models``: same queue, limits and key as ``/v1/extract``."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+
+    from . import openai_api as oa
+
+    model_id = extractor.run_dir.name
+    body_limit = max_bytes * 4 // 3 + 256 * 1024  # base64 of the largest image, plus the rest of the request
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", "invalid_request",
+                      where)
+
+    @app.get("/v1/models", response_model=oa.ModelList)
+    async def models(request: Request):
+        if not authorised(request):
+            return _error(401, "missing or wrong API key", "invalid_api_key")
+        return oa.ModelList(data=[oa.ModelCard(id=model_id, created=int(extractor.run_dir.stat().st_mtime),
+                                               base_model=extractor.config.model.name_or_path)]).model_dump()
+
+    @app.post("/v1/chat/completions", response_model=oa.ChatCompletion,
+              responses={400: {"model": oa.ErrorResponse}, 401: {"model": oa.ErrorResponse},
+                         413: {"model": oa.ErrorResponse}, 422: {"model": oa.ErrorResponse},
+                         429: {"model": oa.ErrorResponse}})
+    async def chat(request: Request):
+        if not authorised(request):
+            return _error(401, "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)", "invalid_api_key")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > body_limit:
+            return _error(413, f"request of {int(length) / 2**20:.1f} MiB exceeds the limit", "too_large")
+        async with reading:
+            raw = await _read_limited(request, body_limit)
+        if raw is None:
+            return _error(413, "request exceeds the limit (stopped reading at the limit)", "too_large")
+        try:
+            req = oa.ChatCompletionRequest.model_validate_json(raw)
+        except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, or bytes that are no JSON
+            errors = getattr(e, "errors", lambda: [])()
+            first = errors[0] if errors else {}
+            where = ".".join(str(x) for x in first.get("loc", ())) or None
+            return _error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'not valid JSON')}",
+                          "invalid_request", where)
+        try:
+            image, prompt, system = oa.parse_request(req, max_bytes, max_pixels)
+            job = _Job(image, prompt, asyncio.get_running_loop().create_future(), system,
+                       _constraint(extractor, req), oa.sampling_of(req), req.max_completion_tokens or req.max_tokens)
+            prompt_tokens = len(extractor.predictor.encode(image, prompt, system)["input_ids"])
+            budget = extractor.config.data.max_length
+            if prompt_tokens > budget:
+                raise oa.OpenAIError(400, f"the prompt and image take {prompt_tokens} tokens, over this model's "
+                                          f"budget of {budget} (data.max_length)", "messages", "context_length_exceeded")
+        except oa.OpenAIError as e:
+            return _error(e.status, e.message, e.code or "invalid_request", e.param)
+        if req.stream:
+            return StreamingResponse(_stream(extractor, job, model_id), media_type="text/event-stream")
+        try:
+            gen = await extractor.submit(job)
+        except QueueFull:
+            return _error(429, f"the queue is full ({extractor.max_queue} requests waiting); retry later", "queue_full")
+        except Exception as e:  # noqa: BLE001
+            return _error(500, f"generation failed: {type(e).__name__}: {e}", "internal")
+        return oa.completion(model_id, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+
+
+def _constraint(extractor: Extractor, req: Any) -> Any:
+    """The decoding a request asks for: the caller's schema, the run's learnt one, or none."""
+    from . import openai_api as oa
+
+    fmt = req.response_format
+    if fmt is None or fmt.type == "json_object":
+        return "run" if extractor.predictor.schema is not None else None
+    if fmt.type == "text":
+        return None
+    schema = fmt.json_schema.schema_ if fmt.json_schema else None
+    if not isinstance(schema, dict):
+        raise oa.OpenAIError(422, "response_format json_schema needs a 'schema' object", "response_format",
+                             "invalid_json_schema")
+    try:
+        return extractor.constraint_for_schema(schema)
+    except Exception as e:  # noqa: BLE001 - the grammar compiler's word on a schema it cannot compile
+        raise oa.OpenAIError(422, f"invalid JSON schema: {str(e).splitlines()[0][:300]}", "response_format",
+                             "invalid_json_schema") from None
+
+
+async def _stream(extractor: Extractor, job: _Job, model_id: str):
+    """Server-sent events in OpenAI's chunk format, text as it is generated (a request streams on its own)."""
+    import uuid
+
+    from transformers import TextIteratorStreamer
+
+    from . import openai_api as oa
+
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    tok = extractor.predictor.processor.tokenizer
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    loop = asyncio.get_running_loop()
+
+    def run() -> Generation:
+        item = extractor.predictor.encode(job.image, job.prompt, job.system)
+        with extractor.model_lock:
+            return extractor.predictor.complete([item], constraint=job.constraint, max_new_tokens=job.max_new_tokens,
+                                                sampling=job.sampling, streamer=streamer)[0]
+
+    future = loop.run_in_executor(None, run)
+    yield oa.chunk(cid, model_id, created, {"role": "assistant", "content": ""})
+    hold = max((len(x) for x in job.sampling.stop), default=1) - 1  # chars that may start a stop string
+    received, yielded = "", 0
+    iterator = iter(streamer)
+    while True:
+        piece = await loop.run_in_executor(None, next, iterator, None)
+        if piece is None:
+            break
+        received += piece
+        cut = min([received.find(x) for x in job.sampling.stop if x in received] or [len(received) - hold])
+        if cut > yielded:
+            yield oa.chunk(cid, model_id, created, {"content": received[yielded:cut]})
+            yielded = cut
+    gen = await future
+    if gen.text.startswith(received[:yielded]) and len(gen.text) > yielded:  # the rest, up to where it ends
+        yield oa.chunk(cid, model_id, created, {"content": gen.text[yielded:]})
+    yield oa.chunk(cid, model_id, created, {}, gen.finish_reason,
+                   {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                    "total_tokens": gen.prompt_tokens + gen.completion_tokens})
+    yield "data: [DONE]\n\n"
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, which: str = "best",
-          api_key: str | None = None, max_upload_mb: float = 20.0, max_batch: int = 8) -> None:
+          api_key: str | None = None, max_upload_mb: float = 20.0, max_batch: int = 8,
+          overrides: dict[str, Any] | None = None) -> None:
     import uvicorn
 
-    app = create_app(Extractor(run_dir, which, max_batch=max_batch), api_key=api_key, max_upload_mb=max_upload_mb)
+    app = create_app(Extractor(run_dir, which, max_batch=max_batch, overrides=overrides), api_key=api_key,
+                     max_upload_mb=max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}, reachable from other machines" +
               ("" if api_key else " without an API key (--api-key)"))
-    print(f"qwenvl-tune serving {run_dir} on http://{host}:{port}/  (POST /v1/extract, GET /health)")
+    print(f"qwenvl-tune serving {run_dir} on http://{host}:{port}/  (POST /v1/extract, POST /v1/chat/completions, "
+          f"GET /v1/models, GET /health, docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

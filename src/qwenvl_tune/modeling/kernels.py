@@ -27,12 +27,12 @@ LIGER_PATCHES = {
 }
 
 
-def resolve_kernels(kernels: str, model: torch.nn.Module) -> tuple[str, str]:
-    """``auto`` -> ``liger`` or ``none`` for this machine and model, with the reason in words."""
+def resolve_kernels(kernels: str, model_type: str | None, cuda: bool | None = None) -> tuple[str, str]:
+    """``auto`` -> ``liger`` or ``none`` for this machine and model family, with the reason in words."""
     if kernels != "auto":
         return kernels, "asked for"
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
         return "none", "no CUDA GPU"
     if model_type not in LIGER_PATCHES:
         return "none", f"no Liger kernels for {model_type!r}"
@@ -41,11 +41,8 @@ def resolve_kernels(kernels: str, model: torch.nn.Module) -> tuple[str, str]:
     return "liger", "CUDA GPU and liger-kernel found"
 
 
-def apply_kernels(model: torch.nn.Module, kernels: str) -> bool:
+def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True) -> bool:
     """Patch ``model`` (before adapters are attached) with the chosen kernels. Returns whether it did."""
-    if kernels == "auto":
-        kernels, why = resolve_kernels(kernels, model)
-        print(f"model.kernels=auto: {kernels} ({why})")
     if kernels == "none":
         return False
     if kernels != "liger":
@@ -61,6 +58,6 @@ def apply_kernels(model: torch.nn.Module, kernels: str) -> bool:
     except ImportError:
         raise ConfigError("model.kernels=liger needs the liger-kernel package: pip install 'qwenvl-tune[kernels]'") \
             from None
-    getattr(liger, LIGER_PATCHES[model_type])(rope=True, rms_norm=True, cross_entropy=False,
+    getattr(liger, LIGER_PATCHES[model_type])(rope=True, rms_norm=rms_norm, cross_entropy=False,
                                               fused_linear_cross_entropy=False, model=model)
     return True

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import Config, ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from .fastpath import FastPath
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,12 +47,75 @@ def check_model_source(name_or_path: str | Path, kind: str = "model") -> str:
     return s
 
 
+def hub_offline() -> bool:
+    """Whether the user said there is no model hub (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick attempt to open a connection to the hub (``HF_ENDPOINT`` if set), in ``timeout`` seconds at most.
+
+    Without it an unreachable hub is retried by the download client for minutes before anything fails.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=attempt, daemon=True)  # name resolution has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
 def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` that fails within seconds, with what to do, when the hub cannot be reached."""
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"model.name_or_path={name!r} could not be loaded: {why}")
+
+    if Path(name).is_dir():
+        try:
+            return loader.from_pretrained(name, **kwargs)
+        except OSError as e:  # files missing from the folder
+            raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    try:  # a hub id already in the local cache needs no network
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    hint = "pass --model with a local checkpoint folder"
+    if hub_offline():
+        raise fail(f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    if not hub_reachable():
+        raise fail(f"the model hub cannot be reached and it is not in the local cache; {hint}, or set "
+                   f"HF_HUB_OFFLINE=1 to stop trying the hub")
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as e:  # not on the hub, hub unreachable, or files missing from the folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.name_or_path={name!r} could not be loaded: {first}") from None
+    except OSError as e:  # not on the hub, or files missing
+        raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
+
+def require_extras(config: Config) -> None:
+    """Fail at once, in one line naming the ``pip install``, when the config needs an optional package
+    that is not installed (before any run folder is made or weights load)."""
+    import importlib.util
+
+    from ..errors import MissingExtraError
+
+    if config.model.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingExtraError("bitsandbytes", "qlora", "model.method=qlora (4-bit base weights)")
+    if config.model.kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise MissingExtraError("liger-kernel", "kernels", "model.kernels=liger")
 
 
 def load_processor(name_or_path: str | Path, min_pixels: int, max_pixels: int):
@@ -89,7 +155,7 @@ def quantization_config(cfg: ModelConfig):
 
 def vision_module_names(model: torch.nn.Module) -> set[str]:
     """Qualified names of every module inside the vision tower (and its merger)."""
-    from .fast import vision_tower
+    from .align import vision_tower
 
     tower = vision_tower(model)
     if tower is None:
@@ -130,20 +196,19 @@ def lora_targets(model: torch.nn.Module, suffixes: list[str], include_vision: bo
     return names
 
 
-def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Module:
-    """Freeze, attach adapters, enable checkpointing. Returns the (possibly PEFT-wrapped) model."""
+def prepare_for_training(model: torch.nn.Module, config: Config, fast: "FastPath | None" = None) -> torch.nn.Module:
+    """Apply the fast path's model-side tricks, freeze, attach adapters, enable checkpointing.
+
+    ``fast`` is the resolved fast path (the training recipe resolves it with the strategy and precision);
+    by default it is resolved from the model settings alone. Returns the (possibly PEFT-wrapped) model.
+    """
+    from .fastpath import FastPath
+
     mcfg = config.model
-    from .kernels import apply_kernels
-
-    apply_kernels(model, mcfg.kernels)
-    if mcfg.fast_path:
-        from .fast import align_vision_mlp, enable_fast_vision_attention
-
-        enable_fast_vision_attention(model)
-        # A trained tower keeps its published shapes (adapters on it, optimizer state); FSDP shards
-        # parameters after this point and gathers its own state dicts, so it keeps them too.
-        if not mcfg.train_vision and config.train.strategy != "fsdp":
-            align_vision_mlp(model)
+    fast = fast or FastPath.resolve(mcfg, model.config)
+    for line in fast.apply(model):
+        if line.startswith("warning"):
+            print(line)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -156,10 +221,6 @@ def prepare_for_training(model: torch.nn.Module, config: Config) -> torch.nn.Mod
                           target_modules=lora_targets(model, config.lora.target_modules, mcfg.train_vision),
                           bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
-        from .fast import lora_inputs_in_compute_dtype, uses_autocast
-
-        if mcfg.fast_path and uses_autocast(config.train.precision):
-            lora_inputs_in_compute_dtype(model)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -176,44 +237,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def load_for_inference(run_dir: str | Path, which: str = "best", config: Config | None = None, base_only: bool = False,
-                       device: str | torch.device | None = None):
-    """Load the model and processor saved in a run folder (``best`` or ``last``), or its base model.
-
-    Returns:
-        (model, processor, config) with the model in eval mode.
-    """
-    from ..training.checkpoints import read_run_config
-    from .fast import align_vision_mlp
-
-    run_dir = Path(run_dir)
-    config = config or read_run_config(run_dir)
-    ckpt = run_dir / which
-    if not (ckpt / "COMPLETE").exists():
-        raise FileNotFoundError(f"{ckpt} is missing or incomplete; has the run finished a validation or an epoch?")
-    processor = load_processor(ckpt, config.data.min_pixels, config.data.max_pixels)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_cfg = config.model
-    if device.type == "cpu" and dtype_cfg.dtype != "float32":
-        # bf16 matmuls on CPU are slow and imprecise; inference on CPU runs in float32.
-        dtype_cfg = ModelConfig(**{**dtype_cfg.__dict__, "dtype": "float32"})
-    if config.model.method == "full" and not base_only:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=DTYPES[dtype_cfg.dtype],
-                                                            attn_implementation=dtype_cfg.attn_implementation)
-        align_vision_mlp(model)
-    else:
-        # Adapters are applied to a non-quantised base for inference: QLoRA runs too, so
-        # predictions match what a merged export gives.
-        model = load_base_model(dtype_cfg, quantize=False)
-        if base_only or not config.model.train_vision:  # adapters on the tower need its published shapes
-            align_vision_mlp(model)
-        if not base_only:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, ckpt)
-    model.to(device).eval()
-    return model, processor, config

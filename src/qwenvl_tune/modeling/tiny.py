@@ -109,7 +109,7 @@ def build_config(family: Family, tokenizer, hidden: int = 64, layers: int = 2):
         from transformers import Qwen2_5_VLConfig
 
         # MLP width 60: like the published 3420, not a multiple of 8, so the tiny model exercises the
-        # fast path's aligned padding (modeling.fast.align_vision_mlp) everywhere it is used.
+        # fast path's aligned padding (modeling.align.align_vision_mlp) everywhere it is used.
         vision = dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=hidden,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1], in_channels=3)

@@ -1,4 +1,4 @@
-"""Lightning strategies as the recipe uses them: DDP and FSDP set up for Qwen-VL checkpoints.
+"""Fabric strategies as the recipe uses them: DDP and FSDP set up for Qwen-VL checkpoints.
 
 DDP (``--train.strategy ddp``): buffers are not broadcast before every forward pass (Qwen-VL's only
 buffers are rotary frequencies, computed identically on every rank), and gradients live in DDP's
@@ -62,34 +62,34 @@ class NoSplitWrapPolicy:
 
 
 def build_strategy(t: Any) -> Any:
-    """The ``strategy`` argument for ``pl.Trainer`` from the train config."""
+    """The ``strategy`` argument for ``lightning_fabric.Fabric`` from the train config."""
     if t.strategy == "ddp":
-        from pytorch_lightning.strategies import DDPStrategy
+        from lightning_fabric.strategies import DDPStrategy
 
         return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.strategy != "fsdp":
         return t.strategy
-    from pytorch_lightning.strategies import FSDPStrategy
+    from lightning_fabric.strategies import FSDPStrategy
 
-    # use_orig_params (Lightning's default) lets frozen and trainable weights share a unit.
+    # use_orig_params (Fabric's default) lets frozen and trainable weights share a unit.
     return FSDPStrategy(auto_wrap_policy=NoSplitWrapPolicy(), state_dict_type="sharded")
 
 
-def is_fsdp(trainer: Any) -> bool:
-    from pytorch_lightning.strategies import FSDPStrategy
+def fabric_is_fsdp(fabric: Any) -> bool:
+    from lightning_fabric.strategies import FSDPStrategy
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+    return isinstance(fabric.strategy, FSDPStrategy)
 
 
-def gathered_state_dict(trainer: Any, prefix: str = "model.") -> dict[str, torch.Tensor] | None:
-    """Under FSDP: the full (unsharded) weights of the LightningModule's ``model``, on rank 0's CPU.
+def gathered_state_dict(fabric: Any, module: Any, prefix: str = "model.") -> dict[str, torch.Tensor] | None:
+    """Under FSDP: the full (unsharded) weights of the wrapped ``TrainStep``'s model, on rank 0's CPU.
 
     Collective: every rank must call it. Returns None on the other ranks, and None (nothing to
     gather) for strategies that keep whole weights on every rank.
     """
-    if not is_fsdp(trainer):
+    if not fabric_is_fsdp(fabric):
         return None
-    return full_state_dict(trainer.strategy.model, trainer.is_global_zero, prefix)
+    return full_state_dict(module._forward_module, fabric.is_global_zero, prefix)
 
 
 def full_state_dict(root: torch.nn.Module, is_main: bool, prefix: str = "") -> dict[str, torch.Tensor] | None:

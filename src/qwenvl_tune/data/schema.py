@@ -1,0 +1,65 @@
+"""A JSON Schema learnt from the training answers (saved in the run folder; decoding is constrained to it).
+
+``infer_schema`` derives it from the answers: keys in their usual order, nesting, value types, which
+keys are always present (``required``), no other keys, and length bounds (strings and arrays at most
+twice the longest seen) so constrained generation always finishes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null", dict: "object",
+          list: "array"}
+
+
+def _merge(values: Sequence[Any]) -> dict[str, Any]:
+    kinds = Counter(_TYPES[type(v)] for v in values)
+    schemas = []
+    for kind in kinds:
+        same = [v for v in values if _TYPES[type(v)] == kind]
+        if kind == "object":
+            order: list[str] = []
+            counts: Counter = Counter()
+            for obj in same:
+                for k in obj:
+                    if k not in counts:
+                        order.append(k)
+                    counts[k] += 1
+            props = {k: _merge([o[k] for o in same if k in o]) for k in order}
+            schemas.append({"type": "object", "properties": props,
+                            "required": [k for k in order if counts[k] == len(same)], "additionalProperties": False})
+        elif kind == "array":
+            items = [x for arr in same for x in arr]
+            s: dict[str, Any] = {"type": "array", "maxItems": max(2 * max(len(a) for a in same), 1)}
+            if items:
+                s["items"] = _merge(items)
+            schemas.append(s)
+        elif kind == "string":
+            schemas.append({"type": "string", "maxLength": max(8, 2 * max(len(v) for v in same))})
+        elif kind == "number":
+            schemas.append({"type": "number"})
+        else:
+            schemas.append({"type": kind})
+    if {"integer", "number"} <= set(kinds):
+        schemas = [s for s in schemas if s["type"] != "integer"]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def infer_schema(answers: Iterable[Any]) -> dict[str, Any] | None:
+    """A JSON Schema covering every JSON answer; None when the answers are not JSON objects/arrays."""
+    values = []
+    for a in answers:
+        if isinstance(a, str):
+            try:
+                a = json.loads(a)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(a, (dict, list)):
+            return None
+        values.append(a)
+    if not values:
+        return None
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(values)}

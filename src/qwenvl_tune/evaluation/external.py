@@ -1,0 +1,76 @@
+"""Reading another system's outputs and the gold answers to score them against (``qwenvl-tune score``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..data.records import DataError
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _prediction(line: str) -> tuple[str | None, str]:
+    """(id, raw output) of a prediction line; a line that is no JSON at all is itself the raw output."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None, line
+    if isinstance(value, dict) and "output" in value and isinstance(value["output"], str):
+        return (str(value["id"]) if "id" in value else None), value["output"]
+    if isinstance(value, str):
+        return None, value
+    return None, line
+
+
+def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, str]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg}", path, n) from None
+    if not isinstance(value, dict):
+        raise DataError("each gold line must be an object with 'suffix' (or 'gold')", path, n)
+    for key in ("suffix", "gold"):
+        if key in value:
+            image = value.get("image")
+            return (str(value["id"]) if "id" in value else None), value[key], \
+                str(path.parent / image) if isinstance(image, str) else ""
+    raise DataError("no 'suffix' or 'gold' answer", path, n, "suffix")
+
+
+def read_pairs(pred_path: Path, gold_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows in ``evaluate``'s stored-prediction form, and notes (e.g. how lines were joined)."""
+    preds = [(n, *_prediction(line)) for n, line in _lines(pred_path)]
+    golds = [(n, *_gold(gold_path, n, line)) for n, line in _lines(gold_path)]
+    notes: list[str] = []
+    by_id = all(p[1] is not None for p in preds) and all(g[1] is not None for g in golds)
+    rows = []
+    if by_id:
+        outputs = {p[1]: p[2] for p in preds}
+        missing = [g[1] for g in golds if g[1] not in outputs]
+        if missing:
+            notes.append(f"{len(missing)} gold id(s) have no prediction (scored as empty output): {missing[:10]}")
+        extra = set(outputs) - {g[1] for g in golds}
+        if extra:
+            notes.append(f"{len(extra)} prediction id(s) have no gold answer and are not scored: {sorted(extra)[:10]}")
+        for n, gid, gold, image in golds:
+            rows.append({"id": gid, "image": image, "gold": gold,
+                         "finetuned": {"raw": outputs.get(gid, ""), "truncated": False}})
+    else:
+        if len(preds) != len(golds):
+            raise DataError(f"{len(preds)} prediction line(s) for {len(golds)} gold line(s); give both files an "
+                            f"'id' on every line to join them, or the same number of lines", pred_path)
+        notes.append("joined by line (not every line has an 'id')")
+        for (pn, _, raw), (gn, gid, gold, image) in zip(preds, golds):
+            rows.append({"id": gid or f"{gold_path.name}:{gn}", "image": image, "gold": gold,
+                         "finetuned": {"raw": raw, "truncated": False}})
+    return rows, notes

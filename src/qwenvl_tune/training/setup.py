@@ -1,0 +1,151 @@
+"""Preparing a run: the run folder (named, checked for room, never started over an earlier run's
+checkpoints), resume discovery, the data check and the data loaders."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config, ConfigError
+from ..data.check import SplitReport, check_split, write_problems
+from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
+from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
+from ..data.positions import VisionIndex
+from ..data.records import DataError
+from ..errors import RunFolderError
+from ..modeling.fastpath import FastPath
+from ..modeling.load import load_model_config
+from ..rundir import CheckpointError, RunDir, read_overrides
+
+
+RUN_NAME_ENV = "QWENVL_TUNE_RUN_NAME"
+
+
+def run_name(config: Config) -> str:
+    """The run's name, also exported to the environment: data-parallel workers that the launcher starts
+    later than rank 0 inherit it and land in the same folder."""
+    name = config.run.name or os.environ.get(RUN_NAME_ENV) or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.environ[RUN_NAME_ENV] = name
+    return name
+
+
+def run_folder(config: Config, resuming: bool, main: bool) -> RunDir:
+    run_dir = RunDir.at(config.run.output_dir, run_name(config))
+    if not resuming and main and run_dir.holds_training():
+        # never start over a run's checkpoints: that would delete them
+        raise ConfigError(f"run folder {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                          f"(or --resume auto) or choose another --name")
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
+    return run_dir
+
+
+def check_output_dir(run_dir: RunDir, config: Config) -> None:
+    """Fail before any model loads if the run folder is not writable or has no room for a checkpoint."""
+    probe = run_dir.path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
+    need = estimate_checkpoint_bytes(config)
+    free = shutil.disk_usage(run_dir.path).free
+    if free < need:
+        raise CheckpointError(f"not enough free space in {run_dir}: {free / 2**30:.2f} GiB free, a checkpoint needs "
+                              f"about {need / 2**30:.2f} GiB (method {config.model.method}); free space or set "
+                              f"--run.output_dir elsewhere")
+
+
+def estimate_checkpoint_bytes(config: Config) -> int:
+    """Rough size of one checkpoint: adapters are small; full fine-tuning saves the weights plus optimizer state."""
+    margin = 64 * 2**20
+    if config.model.method != "full":
+        return margin
+    path = Path(config.model.name_or_path.strip())
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+    # weights (bf16/fp32 as saved) + AdamW moments in fp32 (~2x fp32 weights) in the trainer state
+    return margin + weights + 4 * weights
+
+
+def find_resume(spec: str, config: Config) -> tuple[RunDir | None, Path | None]:
+    """``--resume RUN_DIR`` or ``--resume auto`` (the run named by run.output_dir/run.name, if it has a checkpoint)."""
+    if spec == "auto":
+        if not config.run.name:
+            raise ConfigError("--resume auto needs --run.name to know which run to continue")
+        run_dir = RunDir.at(config.run.output_dir, config.run.name)
+        return (run_dir, run_dir.latest_resumable()) if run_dir.exists() else (None, None)
+    run_dir = RunDir(Path(spec))
+    ckpt = run_dir.latest_resumable()
+    if ckpt is None:
+        raise RunFolderError(f"{run_dir} has no complete resumable checkpoint (checkpoints/step=*/ or last/ with "
+                             f"trainer state)")
+    return run_dir, ckpt
+
+
+# what a resumed run may change: how long it trains
+RESUMABLE_KEYS = ("train.max_epochs", "train.max_steps")
+
+
+def resumed_config(run_dir: RunDir, asked: Config) -> Config:
+    """The saved config of the run, with the training-length keys the user set explicitly now."""
+    saved = run_dir.config
+    for key in RESUMABLE_KEYS:
+        if key in asked.explicit:
+            section, name = key.split(".")
+            setattr(getattr(saved, section), name, getattr(getattr(asked, section), name))
+    saved.explicit = set(read_overrides(run_dir.path)) | (asked.explicit & set(RESUMABLE_KEYS))
+    saved.run.output_dir, saved.run.name = str(run_dir.path.parent), run_dir.name
+    return saved
+
+
+def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True) -> tuple[SplitReport, SplitReport]:
+    d = config.data
+    kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
+              max_image_pixels=d.max_image_pixels, workers=max(1, d.num_workers))
+    reports = [check_split(d.path, "train", **kw), check_split(d.path, "valid", **kw)]
+    errors = [p for rep in reports for p in rep.errors]
+    n_problems = write_problems(run_dir.problems_path, reports) if write else len(errors)
+    for rep in reports if write else []:
+        s = rep.summary()
+        print(f"data {s['split']:<5} {s['folder']}: {s['rows']} rows, {s['usable']} usable, {s['errors']} errors, "
+              f"{s['warnings']} warnings, longest sample {s['max_tokens']} tokens")
+    if errors:
+        listing = "\n".join(f"  {p}" for p in errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
+        if not d.skip_invalid:
+            raise DataError(f"{len(errors)} invalid row(s); fix them or pass --data.skip_invalid true "
+                            f"(all {n_problems} problems in {run_dir.problems_path}):\n{listing}")
+        if write:
+            print(f"skipping {len(errors)} invalid row(s) (data.skip_invalid); listed in "
+                  f"{run_dir.problems_path}:\n{listing}")
+    if write:
+        run_dir.write_summary({"splits": [r.summary() for r in reports], "skipped": len(errors)})
+    for rep in reports:
+        if not rep.records:
+            raise DataError(f"split '{rep.split}' has no usable rows", rep.folder)
+    return reports[0], reports[1]
+
+
+def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: SplitReport, fast: FastPath | None = None):
+    d, t = config.data, config.train
+    enc = Encoder(processor, d.system_message, d.max_length)
+    # the fast path takes the vision tower's index tensors from the loader, where this transformers reads them
+    loader_indices = fast.loader_indices if fast is not None else config.model.fast_path
+    vision = VisionIndex.for_config(load_model_config(config.model.name_or_path)) if loader_indices else None
+    common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+    lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
+    sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
+    train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
+                                   TrainCollator(enc.pad_id, vision), num_workers=d.num_workers,
+                                   pin_memory=torch.cuda.is_available() and t.accelerator != "cpu")
+    val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", d.max_image_pixels)),
+                            batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
+                            collate_fn=GenerateCollator(enc.pad_id), **common)
+    return train_loader, val_loader

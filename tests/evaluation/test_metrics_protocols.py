@@ -1,0 +1,108 @@
+"""Metrics users can compare: the strict protocol's defects fixed, and Donut's protocol equal to donut-python's."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from qwenvl_tune.evaluation import donut
+from qwenvl_tune.evaluation.metrics import aggregate, score_sample, ted_accuracy
+
+
+def test_key_order_does_not_change_tree_accuracy():
+    s = score_sample('{"b": "2", "a": "1"}', {"a": "1", "b": "2"})
+    assert s.exact_match and s.f1 == 1.0
+    assert s.ted_accuracy == 1.0  # was 0.0: an object's keys have no order
+
+
+def test_unordered_matching_does_not_score_its_placeholders():
+    gold = {"items": [{"n": "A"}, {"n": "B"}]}
+    s = score_sample('{"items": [{"n": "B"}]}', gold, list_matching="unordered")
+    itself = ted_accuracy({"items": [{"n": "B"}]}, gold)
+    assert s.ted_accuracy == pytest.approx(itself) == pytest.approx(4 / 7)  # was 0.714 (5/7) with the placeholder
+    assert (s.tp, s.fn, s.fp) == (1, 1, 0)
+
+
+def _donut_evaluator():
+    """donut-python's JSONParseEvaluator, loaded from its own source (the package's __init__ imports the
+    whole model; the evaluator needs only zss and nltk)."""
+    spec = importlib.util.find_spec("donut")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("donut-python is not installed (make test installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "util.py"
+    for name in ("datasets",):  # imported at the top of util.py for its dataset class, unused by the evaluator
+        if importlib.util.find_spec(name) is None:
+            sys.modules.setdefault(name, types.SimpleNamespace(load_dataset=None))
+    module_spec = importlib.util.spec_from_file_location("donut_util_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.JSONParseEvaluator()
+
+
+KEYS = ["nm", "cnt", "price", "menu", "sub", "total", "a", "tax_price", "unitprice"]
+
+
+def _value(rng: random.Random, depth: int):
+    r = rng.random()
+    if depth < 3 and r < 0.25:
+        return {k: _value(rng, depth + 1) for k in rng.sample(KEYS, rng.randint(0, 4))}
+    if depth < 3 and r < 0.4:
+        return [_value(rng, depth + 1) if rng.random() < 0.7 else {k: _value(rng, depth + 2) for k in
+                                                                      rng.sample(KEYS, rng.randint(1, 3))}
+                for _ in range(rng.randint(0, 3))]
+    if depth < 3 and r < 0.5:
+        return [{k: _value(rng, 3) for k in rng.sample(KEYS, rng.randint(1, 3))} for _ in range(rng.randint(1, 3))]
+    return rng.choice(["", " ", "cake", "2", "12,000", "juice ", "Cake", rng.randint(0, 20), 1.5, None, True,
+                       "".join(rng.choice("ab 1") for _ in range(rng.randint(1, 6)))])
+
+
+def _doc(rng: random.Random) -> dict:
+    return {k: _value(rng, 1) for k in rng.sample(KEYS, rng.randint(1, 5))}
+
+
+def _perturb(rng: random.Random, value):
+    if isinstance(value, dict):
+        out = {k: _perturb(rng, v) for k, v in value.items() if rng.random() > 0.15}
+        if rng.random() < 0.2:
+            out[rng.choice(KEYS)] = _value(rng, 2)
+        return dict(rng.sample(list(out.items()), len(out)))  # any key order
+    if isinstance(value, list):
+        items = [_perturb(rng, v) for v in value if rng.random() > 0.15]
+        rng.shuffle(items) if rng.random() < 0.3 else None
+        return items
+    if isinstance(value, str) and rng.random() < 0.4:
+        return value[::-1] + rng.choice(["", "x", "1"])
+    return value if rng.random() > 0.1 else _value(rng, 3)
+
+
+def test_donut_protocol_equals_donut_pythons_evaluator_on_random_pairs():
+    evaluator = _donut_evaluator()
+    rng = random.Random(0)
+    pairs = []
+    while len(pairs) < 300:
+        gold = _doc(rng)
+        if not donut.normalize(gold):
+            continue  # Donut divides by the gold tree's size: an empty gold has none
+        pred = _perturb(rng, gold) if rng.random() < 0.8 else _doc(rng)
+        pairs.append((pred, gold))
+    differ = 0
+    for pred, gold in pairs:
+        ours, theirs = donut.ted_accuracy(pred, gold), evaluator.cal_acc(pred, gold)
+        assert ours == pytest.approx(theirs, abs=1e-9), (pred, gold, ours, theirs)
+        differ += ours != 1.0
+    assert differ > 100  # the pairs exercise real differences, not only identities
+    preds, golds = [p for p, _ in pairs], [g for _, g in pairs]
+    assert donut.f1(pairs) == pytest.approx(evaluator.cal_f1(preds, golds), abs=1e-9)
+    # the same numbers come out of the scorer's aggregate, beside the strict protocol's
+    import json
+
+    scores = [score_sample(json.dumps(p), g) for p, g in pairs]
+    agg = aggregate(scores)
+    assert agg["donut_field_f1"] == pytest.approx(evaluator.cal_f1(preds, golds), abs=1e-9)
+    assert agg["donut_ted_accuracy"] == pytest.approx(sum(evaluator.cal_acc(p, g) for p, g in pairs) / len(pairs),
+                                                      abs=1e-9)
