@@ -18,4 +18,4 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 VARIANTS=${VARIANTS:-guide_qlora_as_written,guide_lora_bf16,ours_lora_b2,ours_qlora_lowmem,ours_lora_b2_liger,ours_lora_b2_liger_bench_copy,ours_qlora_b2_liger,ours_lora_b4_liger}
 python3 bench/train_speed.py --size "${SIZE:-3b}" --steps "${STEPS:-32}" --warmup 4 --variants "$VARIANTS" \
-  --out "$OUT" 2>&1 | tee "$OUT/train_speed.log" | grep -v "Loading weights\|Writing model" | tail -25
+  --repeat "${REPEAT:-1}" ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/train_speed.log" | grep -v "Loading weights\|Writing model" | tail -25
