@@ -120,3 +120,17 @@ def test_score_on_outputs_from_outside_gives_evaluates_numbers(briefly_trained, 
     again = api.score(pred, gold, tmp_path / "scored2")
     assert again["finetuned"]["n"] == len(stored)
     assert again["finetuned"]["json_valid"] <= res["finetuned"]["json_valid"]
+
+
+def test_adapter_export_warns_when_vllm_would_ignore_vision_adapters(sample_data, tiny_dir, tmp_path, capsys):
+    from qwenvl_tune.inference.export import export_run
+
+    run = api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "train.max_steps": 1, "model.train_vision": True, "lora.target_modules": "all-linear"})))
+    out = export_run(run, tmp_path / "adapter")
+    info = json.loads((out / "qwenvl_tune_export.json").read_text())
+    assert "vLLM" in info["warning"] and "--merge" in info["warning"]
+    assert "warning:" in capsys.readouterr().out
+    quiet = api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "train.max_steps": 1, "run.name": "lm-only"})))
+    assert "warning" not in json.loads((export_run(quiet, tmp_path / "a2") / "qwenvl_tune_export.json").read_text())

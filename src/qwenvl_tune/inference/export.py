@@ -19,6 +19,19 @@ from ..errors import QwenVLTuneError
 from ..rundir import EXPORT_INFO, RunDir, copy_public_files
 
 
+def vision_adapter_modules(ckpt: Path) -> list[str]:
+    """The adapted modules inside the vision tower, read from the adapter's weights (engines such as vLLM do
+    not load LoRA weights there)."""
+    path = Path(ckpt) / "adapter_model.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    return sorted({k.split(".lora_")[0] for k in keys if ".visual." in k and ".lora_" in k})
+
+
 class ExportError(QwenVLTuneError, FileExistsError):
     """The export folder exists and holds files (nothing is overwritten)."""
 
@@ -47,6 +60,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, whi
         # the checkpoint as trained: an adapter (LoRA/QLoRA) or full weights in their saved dtype
         copy_public_files(ckpt, out)
         info["merged"] = config.model.method == "full"
+        vision = vision_adapter_modules(ckpt)
+        if vision:
+            info["warning"] = (f"the adapter has LoRA weights on {len(vision)} vision-tower module(s) (e.g. {vision[0]}); "
+                               f"vLLM loads LoRA adapters for the language model only and would ignore them: export "
+                               f"with --merge to serve this run with vLLM")
+            print(f"warning: {info['warning']}")
     else:
         from transformers import AutoModelForImageTextToText
 
