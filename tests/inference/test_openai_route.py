@@ -174,3 +174,35 @@ def test_50_concurrent_chat_completions_through_the_official_client(server):
                                                      "p50_s": p50, "p95_s": p95, "max_s": latencies[-1]}],
          "env": {"gpu": "cpu (2 cores)", "threads": threading.active_count()}}, indent=2))
     assert len(latencies) == 50
+
+
+def test_a_full_queue_answers_429_in_openai_shape(served_run, monkeypatch):
+    import asyncio
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from qwenvl_tune.inference.server import QueueFull, _Job
+
+    extractor = Extractor(served_run[0], device="cpu", max_queue=2)
+
+    async def fill():
+        loop = asyncio.get_running_loop()
+        extractor.queue = asyncio.Queue(maxsize=extractor.max_queue)  # not started: nothing takes jobs off
+        for _ in range(2):
+            extractor.queue.put_nowait(_Job(None, None, loop.create_future()))
+        with pytest.raises(QueueFull):
+            await extractor.submit(_Job(None, None, loop.create_future()))
+
+    asyncio.run(fill())
+    app = create_app(extractor)
+
+    async def full(job):
+        raise QueueFull
+
+    monkeypatch.setattr(extractor, "submit", full)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["max_queue"] == 2
+        r = client.post("/v1/chat/completions", json={"messages": _messages(_data_url(served_run[1] / "0.png"))})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert "queue is full" in r.json()["error"]["message"]
