@@ -206,3 +206,36 @@ def test_lora_bf16_mixed_trains_validates_and_predicts_on_gpu(tiny_dir, sample_d
     assert "val/json_valid" in marker  # validated inside the loop, under the training precision
     rows = api.predict(run, [sorted((sample_data / "valid").glob("*.jpg"))[0]])
     assert isinstance(rows[0]["output"], str)
+
+
+def test_non_finite_step_is_skipped_on_the_device_and_named_before_anything_is_written(tiny_dir, sample_data,
+                                                                                       tmp_path, monkeypatch):
+    """On a GPU the loop reads each step's statistics one step late (no wait before the update): a NaN step is
+    skipped by the fused optimizer on the device, and the run still stops naming it, with the checkpoint before it
+    the newest one on disk."""
+    import json
+
+    from qwenvl_tune import api
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.data import collate as collate_mod
+    from qwenvl_tune.rundir import MARKER, RunDir
+    from qwenvl_tune.training.step import NonFiniteError
+
+    real = collate_mod.collate
+    calls = {"n": 0}
+
+    def nan_collate(items, pad_id, left, **options):
+        b = real(items, pad_id, left, **options)
+        if calls["n"] == 4:
+            b["pixel_values"] = torch.full_like(b["pixel_values"], float("nan"))
+        calls["n"] += 1
+        return b
+
+    monkeypatch.setattr(collate_mod, "collate", nan_collate)
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "model.dtype": "bfloat16", "train.precision": "bf16-mixed", "train.accelerator": "gpu", "train.max_epochs": 3,
+        "train.lr": 1e-3, "train.checkpoint_every_n_steps": 1, "train.check_val_every_n_epoch": 10}))
+    with pytest.raises(NonFiniteError, match=r"global step 4"):
+        api.train(cfg)
+    ckpt = RunDir(tmp_path / "run").latest_resumable()
+    assert json.loads((ckpt / MARKER).read_text())["global_step"] == 4

@@ -136,3 +136,17 @@ def test_training_batches_are_pinned_for_a_gpu(cuda, accelerator, pinned, tiny_d
     train_loader, val_loader = setup.setup_loaders(cfg, proc, check(sample_data, "train"), check(sample_data, "valid"))
     assert train_loader.pin_memory is pinned
     assert train_loader.collate_fn.vision is not None  # the fast path's loader-side vision indices
+
+
+def test_best_ties_are_broken_by_validity_then_tree_accuracy_then_edit_distance_then_later_weights():
+    from qwenvl_tune.training.best import ranking_key, tie_reason
+
+    base = {"field_f1": 0.0, "json_valid": 0.5, "ted_accuracy": 0.2, "edit_distance": 0.4}
+    key = ranking_key(base, "val/field_f1", "max")
+    assert ranking_key({**base, "json_valid": 0.6}, "val/field_f1", "max") > key
+    assert ranking_key({**base, "ted_accuracy": 0.3}, "val/field_f1", "max") > key
+    assert ranking_key({**base, "edit_distance": 0.3}, "val/field_f1", "max") > key  # smaller is better
+    assert ranking_key({**base, "field_f1": 0.1, "json_valid": 0.0}, "val/field_f1", "max") > key  # the metric first
+    assert tie_reason(ranking_key({**base, "edit_distance": 0.3}, "val/field_f1", "max"), key) == "better edit_distance"
+    assert tie_reason(key, key).endswith("the later weights")
+    assert ranking_key({**base, "edit_distance": 0.3}, "val/edit_distance", "min")[0] == -0.3

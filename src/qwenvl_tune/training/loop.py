@@ -9,7 +9,7 @@ the objects it restores (``state.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,12 @@ import torch
 from ..config import Config
 from ..evaluation.metrics import SCALAR_METRICS, aggregate, score_sample
 from ..modeling.generate import generate_batch, stop_token_ids
-from ..rundir import RunDir, annotate, copy_checkpoint, trainer_state
+from ..rundir import RunDir, copy_checkpoint, trainer_state
+from .best import mark_best, ranking_key, tie_reason
 from .checkpoints import save_checkpoint
 from .distributed import fabric_is_fsdp, gathered_state_dict
 from .state import Progress, save_state
-from .step import non_finite_error, step_stats
-
-# Ties on the monitored metric are broken by these, in order (then the later validation wins).
-TIE_BREAKERS = (("json_valid", 1), ("ted_accuracy", 1), ("edit_distance", -1))
-
+from .step import non_finite_error, step_stats_tensor
 
 @dataclass
 class Loop:
@@ -42,8 +39,10 @@ class Loop:
     processor: Any
     config: Config
     progress: Progress
-    stop: Any  # StopRequest
+    stop: Any  # StopRequest: this process's signals
     console: Any  # Console
+    stop_agreed: str | None = None  # a stop every rank has agreed on (from the step statistics)
+    records: list = field(default_factory=list)  # optimizer steps whose statistics are not read yet
 
     @property
     def main(self) -> bool:
@@ -95,10 +94,10 @@ def fit(loop: Loop) -> Path:
             saved = None
             if t.checkpoint_every_n_steps and p.step % t.checkpoint_every_n_steps == 0:
                 saved = save_resumable(loop)
-            if loop.stop.reason is not None:  # agreed on by every rank in the step's all-reduce
+            if stop_decided(loop):
                 saved = saved or save_resumable(loop, interrupted=True)
                 publish(loop, saved, "last")
-                raise Stopped(saved, loop.stop.reason)
+                raise Stopped(saved, loop.stop_agreed or loop.stop.reason)
             if t.max_steps > 0 and p.step >= t.max_steps:
                 break
         if p.batch_in_epoch >= n_batches:  # the epoch is trained
@@ -124,9 +123,30 @@ def micro_batch(loop: Loop, batch: dict[str, Any], ends_step: bool) -> tuple[tor
     return loss.detach(), loop.progress.batch_in_epoch, batch.get("ids")
 
 
+@dataclass
+class StepRecord:
+    """An optimizer step's statistics (``stats``, a host copy unless ``event`` is None) and its micro-batches'
+    (loss, index, sample ids) for the error message; read one step later."""
+
+    step: int
+    epoch: int
+    lr: float
+    stats: torch.Tensor
+    event: Any
+    pending: list
+
+
 def optimizer_step(loop: Loop, pending: list[tuple[torch.Tensor, int, list | None]]) -> None:
-    """Check, clip, step and log after a step's micro-batches: one all-reduce and one host sync per optimizer
-    step. ``fit`` and the benchmark (bench/train_speed.py) both call this and ``micro_batch``."""
+    """Check, clip, step and log after a step's micro-batches. ``fit`` and the benchmark (bench/train_speed.py)
+    both call this and ``micro_batch``.
+
+    The step's loss, non-finite flags and stop requests are summed over ranks in one all-reduce. With a fused
+    optimizer the host does not wait for them: a non-finite step is skipped on the device (the optimizer's
+    ``found_inf``, as mixed-precision scaling uses it), and the host reads the statistics one step later, when
+    they are long computed, and raises naming the step. Every checkpoint, validation and stop first reads all
+    outstanding statistics, so nothing is written after a non-finite step. Without a fused optimizer the host
+    reads them before the update (one wait per step).
+    """
     t, p, fabric = loop.config.train, loop.progress, loop.fabric
     if t.gradient_clip_val:
         norm = fabric.clip_gradients(loop.module, loop.optimizer, max_norm=t.gradient_clip_val,
@@ -134,23 +154,60 @@ def optimizer_step(loop: Loop, pending: list[tuple[torch.Tensor, int, list | Non
     else:
         grads = [q.grad for q in loop.module.parameters() if q.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
-    mean_loss, bad_loss, bad_grad, stop = step_stats([loss for loss, _, _ in pending], norm.to(pending[0][0].device),
-                                                     loop.stop.reason is not None, fabric.world_size)
-    if bad_loss or bad_grad:
-        raise non_finite_error(p.step, p.epoch, pending, bad_grad, fabric.world_size)
-    if stop and loop.stop.reason is None:
-        loop.stop.reason = "stop requested on another rank"
+    stats = step_stats_tensor([loss for loss, _, _ in pending], norm, loop.stop.reason is not None, fabric.world_size)
     lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    loop.optimizer.step()
+    inner = getattr(loop.optimizer, "optimizer", loop.optimizer)
+    deferred = stats.is_cuda and bool(inner.defaults.get("fused"))
+    if deferred:
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        inner.found_inf = (stats[1] + stats[2]).clamp(max=1.0)  # skip the update on the device if non-finite
+        try:
+            loop.optimizer.step()
+        finally:
+            inner.found_inf = None
+        loop.records.append(StepRecord(p.step, p.epoch, lr, host, event, pending))
+        drain(loop, keep=1)  # the previous step's statistics: finished long ago, so no wait
+    else:
+        loop.records.append(StepRecord(p.step, p.epoch, lr, stats, None, pending))
+        drain(loop)  # read now, before the update: a non-finite step never reaches the weights
+        loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
-    loop.console.step(p.step, p.epoch, mean_loss, lr)
     p.step += 1
+
+
+def drain(loop: Loop, keep: int = 0) -> None:
+    """Read outstanding step statistics (all but the newest ``keep``): log them, stop on a non-finite step,
+    record a stop that the ranks agreed on."""
+    world = loop.fabric.world_size
+    while len(loop.records) > keep:
+        record = loop.records.pop(0)
+        if record.event is not None:
+            record.event.synchronize()
+        total_loss, bad_loss, bad_grad, stop = record.stats.tolist()
+        if bad_loss or bad_grad:
+            loop.records.clear()
+            raise non_finite_error(record.step, record.epoch, record.pending, bad_grad, world)
+        if stop and loop.stop_agreed is None:
+            loop.stop_agreed = loop.stop.reason or "stop requested on another rank"
+        loop.console.step(record.step, record.epoch, total_loss / world, record.lr)
+
+
+def stop_decided(loop: Loop) -> bool:
+    """Whether to stop at this step boundary: a signal to this process when it trains alone, else only a stop
+    every rank has read from the same step's statistics (so all ranks save and stop together)."""
+    if loop.fabric.world_size == 1:
+        return loop.stop.reason is not None
+    return loop.stop_agreed is not None
 
 
 def save_resumable(loop: Loop, **extra: Any) -> Path:
     """A resumable checkpoint at the current step (every rank takes part); reused if it already exists."""
     p, fabric = loop.progress, loop.fabric
+    drain(loop)  # nothing is written after a non-finite step, and the step's loss is logged before its checkpoint
     existing = loop.run.checkpoint_at_step(p.step)
     if existing is not None:  # e.g. the epoch-end checkpoint of a step already saved periodically
         return existing
@@ -172,14 +229,8 @@ def save_resumable(loop: Loop, **extra: Any) -> Path:
 
 
 def publish(loop: Loop, src: Path, name: str) -> None:
-    if loop.main:
+    if loop.main:  # published checkpoints are written by rank 0 only
         copy_checkpoint(src, loop.run.published(name))
-
-
-def ranking_key(metrics: dict[str, float], monitor: str, mode: str) -> list[float]:
-    """Larger is better: the monitored metric, then the tie-breakers."""
-    sign = 1.0 if mode == "max" else -1.0
-    return [sign * metrics[monitor.split("/", 1)[1]]] + [s * metrics[m] for m, s in TIE_BREAKERS]
 
 
 @torch.no_grad()
@@ -190,6 +241,7 @@ def validate(loop: Loop) -> bool:
         Whether early stopping says to stop.
     """
     t, p, fabric = loop.config.train, loop.progress, loop.fabric
+    drain(loop)
     loop.module.eval()
     stop_ids = stop_token_ids(loop.module, loop.processor)
     scores = []
@@ -221,25 +273,12 @@ def validate(loop: Loop) -> bool:
     if p.best is None or key >= p.best:  # ties all the way down: the later validation
         why = ("first validation" if p.best is None else
                f"{t.monitor} improved" if improved else
-               f"{t.monitor} tied; {_tie_reason(key, p.best)}")
+               f"{t.monitor} tied; {tie_reason(key, p.best)}")
         p.best, p.best_step = key, p.step
         src = save_resumable(loop)  # the one already written at this step, normally
         if loop.main:
             copy_checkpoint(src, loop.run.published("best"))
-            _mark_best(loop.run.published("best"), t.monitor, metrics, why)
+            mark_best(loop.run.published("best"), t.monitor, metrics, why)
         loop.console.note(f"best/ is now step {p.step} (epoch {p.epoch}): {why}")
     p.bad_validations = 0 if improved else p.bad_validations + 1
     return 0 < t.early_stopping_patience <= p.bad_validations
-
-
-def _tie_reason(key: list[float], best: list[float]) -> str:
-    for (name, _), a, b in zip(TIE_BREAKERS, key[1:], best[1:]):
-        if a != b:
-            return f"better {name}"
-    return "equal on every tie-breaker, so the later weights"
-
-
-def _mark_best(path: Path, monitor: str, metrics: dict[str, float], why: str) -> None:
-    """Record in best/'s marker which metrics chose it, and why."""
-    annotate(path, metrics={f"val/{k}": v for k, v in metrics.items()}, monitor=monitor,
-             value=metrics[monitor.split("/", 1)[1]], chosen_because=why)

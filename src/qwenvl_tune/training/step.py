@@ -71,20 +71,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(config.train.warmup_steps, total_steps))
 
 
-def step_stats(losses: Sequence[torch.Tensor], grad_norm: torch.Tensor, stop: bool, world: int) -> list[float]:
-    """The optimizer step's mean loss over its micro-batches and over ranks, whether any rank saw a non-finite
-    loss or gradient, and whether any rank was asked to stop: one all-reduce and one host sync per step.
+def step_stats_tensor(losses: Sequence[torch.Tensor], grad_norm: torch.Tensor, stop: bool, world: int) -> torch.Tensor:
+    """On the device: [sum over ranks of the step's mean loss, ranks that saw a non-finite loss, ranks whose
+    gradient norm is non-finite, ranks asked to stop]. One all-reduce, no host sync.
 
     Under FSDP each rank holds a shard of the gradients, so a NaN may be visible on one rank only; summing the
-    flags over ranks makes every rank stop at the same step.
+    flags over ranks makes every rank decide the same way at the same step.
     """
     stacked = torch.stack([loss.detach().float().reshape(()) for loss in losses])
     stats = torch.stack([torch.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0).mean(),
-                         (~torch.isfinite(stacked)).any().float(), (~torch.isfinite(grad_norm.float())).float(),
+                         (~torch.isfinite(stacked)).any().float(),
+                         (~torch.isfinite(grad_norm.to(stacked.device).float())).float(),
                          torch.tensor(float(stop), device=stacked.device)])
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(stats)
-    mean, bad_loss, bad_grad, stop_any = stats.tolist()
+    return stats
+
+
+def step_stats(losses: Sequence[torch.Tensor], grad_norm: torch.Tensor, stop: bool, world: int) -> list[float]:
+    """``step_stats_tensor`` read on the host: [mean loss over ranks, bad-loss ranks, bad-gradient ranks, stop ranks]."""
+    mean, bad_loss, bad_grad, stop_any = step_stats_tensor(losses, grad_norm, stop, world).tolist()
     return [mean / world, bad_loss, bad_grad, stop_any]
 
 
