@@ -80,7 +80,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert errors == []
         assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing fetched from outside
         assert page.locator("#samples .sample").count() == 5  # one row per sample
-        assert page.locator("#summary tr").count() == 1 + 10 + 1  # header, scalar metrics, samples
+        from qwenvl_tune.evaluation.metrics import SCALAR_METRICS
+
+        assert page.locator("#summary tr").count() == 1 + len(SCALAR_METRICS) + 1  # header, scalar metrics, samples
         assert page.evaluate("document.querySelector('#field-chart').naturalWidth") > 100
         assert page.evaluate("[...document.querySelectorAll('.sample img')].every(i => i.naturalWidth > 0)")
         # worst first: the broken output leads
