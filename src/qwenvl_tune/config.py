@@ -31,6 +31,7 @@ class ConfigError(QwenVLTuneError, ValueError):
 METRICS = {"edit_distance": False, "json_valid": True, "json_repaired": False, "exact_match": True,
            "field_precision": True, "field_recall": True, "field_f1": True, "field_accuracy": True,
            "ted_accuracy": True, "truncated": False,
+           "item_f1": True,  # whole line items right (every field of the item), micro over all lists
            # Donut's JSONParseEvaluator definitions (evaluation/donut.py), comparable with published CORD numbers
            "donut_ted_accuracy": True, "donut_field_f1": True}
 

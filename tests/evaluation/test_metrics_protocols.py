@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import sys
 import types
@@ -106,3 +107,21 @@ def test_donut_protocol_equals_donut_pythons_evaluator_on_random_pairs():
     assert agg["donut_field_f1"] == pytest.approx(evaluator.cal_f1(preds, golds), abs=1e-9)
     assert agg["donut_ted_accuracy"] == pytest.approx(sum(evaluator.cal_acc(p, g) for p, g in pairs) / len(pairs),
                                                       abs=1e-9)
+
+
+def test_line_items_count_only_when_every_field_is_right():
+    gold = {"items": [{"n": "A", "q": "1"}, {"n": "B", "q": "2"}], "total": "3"}
+    s = score_sample('{"items": [{"n": "A", "q": "1"}, {"n": "B", "q": "3"}], "total": "3"}', gold)
+    assert s.items == {"items": (1, 1, 1)}  # the second item has one wrong field: wrong as a whole
+    assert (s.tp, s.fp, s.fn) == (4, 1, 1)  # while 4 of its 5 fields are right
+    agg = aggregate([s])
+    assert agg["item_f1"] == pytest.approx(0.5) and agg["per_list_item_f1"] == {"items": pytest.approx(0.5)}
+    # order: positional matching counts a swapped pair wrong, unordered matching right
+    swapped = '{"items": [{"n": "B", "q": "2"}, {"n": "A", "q": "1"}], "total": "3"}'
+    assert score_sample(swapped, gold).items == {"items": (0, 2, 2)}
+    assert score_sample(swapped, gold, list_matching="unordered").items == {"items": (2, 0, 0)}
+    # a missing item is a miss, an extra one a false positive, an unparsable answer misses all
+    assert score_sample('{"items": [{"n": "A", "q": "1"}]}', gold, list_matching="unordered").items == {"items": (1, 0, 1)}
+    assert score_sample("not json", gold).items == {"items": (0, 0, 2)}
+    nested = {"pages": [{"lines": [{"t": "x"}, {"t": "y"}]}]}
+    assert score_sample(json.dumps(nested), nested).items == {"pages": (1, 0, 0), "pages[].lines": (2, 0, 0)}

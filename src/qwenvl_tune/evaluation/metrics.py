@@ -243,6 +243,8 @@ class SampleScore:
     tp: int = 0
     fp: int = 0
     fn: int = 0
+    # whole list items (an item counts only when every one of its fields is right), per list: (tp, fp, fn)
+    items: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # field name -> (correct, total) over gold leaves of this sample
     fields: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -263,6 +265,7 @@ class SampleScore:
         d = asdict(self)
         d.update(precision=self.precision, recall=self.recall, f1=self.f1)
         d["fields"] = {k: list(v) for k, v in self.fields.items()}
+        d["items"] = {k: list(v) for k, v in self.items.items()}
         return d
 
 
@@ -317,9 +320,52 @@ def score_sample(pred_text: str, gold: Any, *, truncated: bool = False, list_mat
     score.fp = sum(1 for path, p in pred_flat.items()
                    if not (path in gold_flat and gold_flat[path] == p and type(gold_flat[path]) is type(p)))
     score.fields = {k: (v[0], v[1]) for k, v in per_field.items()}
+    score.items = item_counts(pred if ok else None, gold, norm)
     # Exact match is strict: the parsed document equals the gold one, no normalisation, lists in order.
     score.exact_match = bool(ok and parse_json(pred_text)[1] == gold)
     return score
+
+
+def _item_lists(value: Any, prefix: str = "") -> dict[str, list]:
+    """Every list of objects in a JSON value, by key path (``products``, ``pages[0].lines``)."""
+    out: dict[str, list] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(_item_lists(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            out[prefix or "$"] = value
+        for i, v in enumerate(value):
+            out.update(_item_lists(v, f"{prefix}[{i}]"))
+    return out
+
+
+def item_counts(pred: Any, gold: Any, norm: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """Line items scored whole, per list (by field name, ``products`` or ``pages[].lines``): an item is right
+    only when all its fields equal the gold item's at the same position (after ``align_lists`` for unordered
+    matching). Returns (tp, fp, fn) per list."""
+    def canon(item: Any) -> dict[str, Any]:
+        return {k: normalize_value(v, **norm) for k, v in flatten(item).items()}
+
+    gold_lists, pred_lists = _item_lists(gold), _item_lists(pred) if pred is not None else {}
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for path, g_items in gold_lists.items():
+        p_items = [i for i in pred_lists.get(path, []) if i != UNMATCHED]
+        p_all = pred_lists.get(path, [])
+        tp = sum(1 for i, g in enumerate(g_items) if i < len(p_all) and p_all[i] != UNMATCHED
+                 and canon(p_all[i]) == canon(g))
+        cell = out[field_name(path)]
+        cell[0] += tp
+        cell[1] += len(p_items) - tp
+        cell[2] += len(g_items) - tp
+    for path, p_items in pred_lists.items():  # lists the gold does not have: every item is extra
+        if path not in gold_lists:
+            out[field_name(path)][1] += sum(1 for i in p_items if i != UNMATCHED)
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def _donut_f1(tp: int, wrong: int) -> float:
@@ -340,7 +386,15 @@ def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:
         for k, (c, t) in s.fields.items():
             per_field[k][0] += c
             per_field[k][1] += t
+    per_list: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for s in scores:
+        for k, counts in s.items.items():
+            for j in range(3):
+                per_list[k][j] += counts[j]
+    items = [sum(c[j] for c in per_list.values()) for j in range(3)]
     return {
+        "item_f1": _f1(*items),
+        "per_list_item_f1": {k: _f1(*c) for k, c in sorted(per_list.items())},
         "n": n,
         "edit_distance": sum(s.edit_distance for s in scores) / n,
         "json_valid": sum(s.json_valid for s in scores) / n,
