@@ -245,7 +245,7 @@ def product_loop(v: dict, ckpt: str, cfg, accum: int):
     params = [p for p in module.parameters() if p.requires_grad]
     opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=config.train.lr))
     loop = Loop(fabric, module, opt, build_scheduler(opt, config, 10**6), None, None, None, None, config, Progress(),
-                StopRequest(announce=False), Console(fabric, [], 10**9, 0, 10**9, 1))
+                StopRequest(announce=False), Console(fabric, [], 10**9, 0, 10**9))
     return loop, fast
 
 

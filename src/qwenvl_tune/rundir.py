@@ -316,10 +316,6 @@ def read_config(path: str | Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
-def read_run_config(run_dir: str | Path) -> Config:
-    return RunDir.open(run_dir).config
-
-
 def read_overrides(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / OVERRIDES_FILE
     return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}

@@ -350,13 +350,11 @@ def item_counts(pred: Any, gold: Any, norm: dict[str, Any]) -> dict[str, tuple[i
     gold_lists, pred_lists = _item_lists(gold), _item_lists(pred) if pred is not None else {}
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for path, g_items in gold_lists.items():
-        p_items = [i for i in pred_lists.get(path, []) if i != UNMATCHED]
-        p_all = pred_lists.get(path, [])
-        tp = sum(1 for i, g in enumerate(g_items) if i < len(p_all) and p_all[i] != UNMATCHED
-                 and canon(p_all[i]) == canon(g))
+        p_items = pred_lists.get(path, [])  # with alignment placeholders at gold positions, which are no items
+        tp = sum(1 for p, g in zip(p_items, g_items) if p != UNMATCHED and canon(p) == canon(g))
         cell = out[field_name(path)]
         cell[0] += tp
-        cell[1] += len(p_items) - tp
+        cell[1] += sum(1 for p in p_items if p != UNMATCHED) - tp
         cell[2] += len(g_items) - tp
     for path, p_items in pred_lists.items():  # lists the gold does not have: every item is extra
         if path not in gold_lists:

@@ -80,6 +80,7 @@ class _Job:
     constraint: Any = "run"  # the session's own (learnt schema), None (free) or a compiled caller schema
     sampling: Sampling = field(default_factory=Sampling)
     max_new_tokens: int | None = None
+    item: dict[str, Any] | None = None  # the encoded inputs, when the route already made them
     queued: float = field(default_factory=time.perf_counter)
     timing: dict[str, Any] = field(default_factory=dict)
 
@@ -141,7 +142,7 @@ class Extractor:
 
     def _generate(self, jobs: list[_Job]) -> list[Generation]:
         first = jobs[0]
-        items = [self.predictor.encode(j.image, j.prompt, j.system) for j in jobs]
+        items = [j.item or self.predictor.encode(j.image, j.prompt, j.system) for j in jobs]
         with self.model_lock:
             return self.predictor.complete(items, constraint=first.constraint, max_new_tokens=first.max_new_tokens,
                                            sampling=first.sampling)
@@ -328,7 +329,10 @@ def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_byte
             image, prompt, system = oa.parse_request(req, max_bytes, max_pixels)
             job = _Job(image, prompt, asyncio.get_running_loop().create_future(), system,
                        _constraint(extractor, req), oa.sampling_of(req), req.max_completion_tokens or req.max_tokens)
-            prompt_tokens = len(extractor.predictor.encode(image, prompt, system)["input_ids"])
+            # encoded once, off the event loop: for the budget check here and for generation in the queue
+            job.item = await asyncio.get_running_loop().run_in_executor(
+                None, extractor.predictor.encode, image, prompt, system)
+            prompt_tokens = len(job.item["input_ids"])
             budget = extractor.config.data.max_length
             if prompt_tokens > budget:
                 raise oa.OpenAIError(400, f"the prompt and image take {prompt_tokens} tokens, over this model's "
@@ -380,7 +384,7 @@ async def _stream(extractor: Extractor, job: _Job, model_id: str):
     loop = asyncio.get_running_loop()
 
     def run() -> Generation:
-        item = extractor.predictor.encode(job.image, job.prompt, job.system)
+        item = job.item or extractor.predictor.encode(job.image, job.prompt, job.system)
         with extractor.model_lock:
             return extractor.predictor.complete([item], constraint=job.constraint, max_new_tokens=job.max_new_tokens,
                                                 sampling=job.sampling, streamer=streamer)[0]

@@ -14,15 +14,12 @@ import torch
 
 
 class Console:
-    def __init__(self, fabric: Any, loggers: list[Any], total_steps: int, start_step: int, log_every: int,
-                 steps_per_epoch: int):
+    def __init__(self, fabric: Any, loggers: list[Any], total_steps: int, start_step: int, log_every: int):
         self.fabric, self.loggers = fabric, loggers
         self.main = fabric.is_global_zero
         self.total, self.start_step, self.log_every = total_steps, start_step, max(1, log_every)
-        self.steps_per_epoch = steps_per_epoch
         self.samples = 0  # over all ranks, since this process started training
         self.t0: float | None = None
-        self.last: dict[str, float] = {}
         self.bar = None
         if self.main and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -46,7 +43,6 @@ class Console:
             metrics["samples_per_s"] = self.samples / elapsed
         if torch.cuda.is_available() and self.fabric.device.type == "cuda":
             metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
-        self.last = metrics
         self._log(metrics, step)
         if not self.main:
             return

@@ -150,8 +150,7 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if ckpt is not None:
         loop.progress, rng = load_state(fabric, trainer_state(ckpt), module, optimizer, loop.scheduler)
     loop.console = Console(fabric, _loggers(config, run, log_version) if fabric.is_global_zero else [],
-                           loop.total_steps(), loop.progress.step, config.train.log_every_n_steps,
-                           loop.steps_per_epoch())
+                           loop.total_steps(), loop.progress.step, config.train.log_every_n_steps)
     if rng is not None:
         restore_rng(rng)  # last: nothing after this may draw random numbers before the first step
     return loop
