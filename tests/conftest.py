@@ -87,3 +87,27 @@ def equal_length_data(tmp_path: Path) -> Path:
     write_split(tmp_path / "D" / "train", rows, imgs)
     write_split(tmp_path / "D" / "valid", rows[:3], {k: imgs[k] for k in ("0.png", "1.png", "2.png")})
     return tmp_path / "D"
+
+
+def bad_pdfs(pages: list[Image.Image]) -> dict[str, bytes]:
+    """PDFs a user can have that cannot be read: encrypted (pypdf's RC4, a password needed to open), corrupt
+    (cut in half), empty (0 bytes), with zero pages."""
+    import io
+
+    import pypdf
+
+    from qwenvl_tune.data.documents import pdf_bytes_from_images
+
+    good = pdf_bytes_from_images(pages)
+    writer = pypdf.PdfWriter(clone_from=io.BytesIO(good))
+    writer.encrypt("secret", algorithm="RC4-128")
+    enc = io.BytesIO()
+    writer.write(enc)
+    empty = io.BytesIO()
+    pypdf.PdfWriter().write(empty)
+    return {"encrypted.pdf": enc.getvalue(), "corrupt.pdf": good[: len(good) // 2],
+            "zero-bytes.pdf": b"", "no-pages.pdf": empty.getvalue()}
+
+
+BAD_PDF_MESSAGES = {"encrypted.pdf": "encrypted", "corrupt.pdf": "corrupt", "zero-bytes.pdf": "empty",
+                    "no-pages.pdf": "no pages"}

@@ -3,7 +3,7 @@
     from qwenvl_tune import api
     run = api.train(api.build_config("configs/demo.yaml"))
     metrics = api.evaluate(run, "valid")
-    rows = api.predict(run, ["scan.jpg"])
+    rows = api.predict(run, ["scan.jpg", "invoice.pdf", ["page1.png", "page2.png"]])
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from .config import Config, build_config
 from .data.check import check_split
-from .data.images import load_image
+from .data.documents import FileSource, PageLimits, load_pages
+from .data.formats import Columns
 from .evaluation.report import read_predictions, write_outputs
 from .inference.session import Predictor
 from .rundir import RunDir
@@ -47,7 +48,8 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         rows = read_predictions(out_dir / "predictions.jsonl")
         return write_outputs(out_dir, title, rows, config.metric_options(),
                              {"split": split, "n": len(rows), "checkpoint": which, "rescored": True})
-    report = check_split(data_path or config.data.path, split, max_image_pixels=config.data.max_image_pixels)
+    report = check_split(data_path or config.data.path, split, limits=PageLimits.from_config(config.data),
+                         columns=Columns.from_config(config.data))
     records = report.records[:limit] if limit else report.records
     outputs: dict[str, tuple[list[str], list[bool]]] = {}
     decoding: dict[str, str] = {}
@@ -65,31 +67,36 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         outputs["base"] = base.generate_records(records, progress=progress)
         decoding["base"] = base.decoding
         base.close()
-    rows = [{"id": r.id, "image": str(r.image_path), "gold": r.suffix,
+    rows = [{"id": r.id, "images": r.image_names, "gold": r.suffix,
              **{name: {"raw": texts[i], "truncated": cut[i]} for name, (texts, cut) in outputs.items()}}
             for i, r in enumerate(records)]
     extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which,
              "decoding": decoding}
     if report.errors:
         extra["problems"] = [str(p) for p in report.errors]
-    return write_outputs(out_dir, title, rows, config.metric_options(), extra)
+    return write_outputs(out_dir, title, rows, config.metric_options(), extra,
+                         sources={r.id: r.sources for r in records})
 
 
-def predict(run_dir: str | Path, images: Sequence[str | Path], prompt: str | None = None, *, which: str = "best",
-            compare_base: bool = False, constrained: bool | None = None,
+def predict(run_dir: str | Path, images: Sequence[str | Path | Sequence[str | Path]], prompt: str | None = None, *,
+            which: str = "best", compare_base: bool = False, constrained: bool | None = None,
             overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Extract JSON from image files with a run's model; one dict per image, in order.
+    """Extract JSON from documents with a run's model; one dict per document, in order.
 
-    Each dict has ``image``, ``output`` (raw text), ``json`` (parsed or None), ``valid``,
-    ``truncated``, and with ``compare_base`` the same under ``base`` (decoded the same way). An
-    unreadable image gets an ``error`` entry instead of stopping the others.
+    A document is an image file, a PDF (every page) or a list of files (its pages, in order). Each dict has
+    ``image`` (or ``images`` for a list), ``pages``, ``output`` (raw text), ``json`` (parsed or None),
+    ``valid``, ``truncated``, and with ``compare_base`` the same under ``base`` (decoded the same way). An
+    unreadable document gets an ``error`` entry instead of stopping the others.
     """
     run = RunDir.open(run_dir).with_overrides(overrides)
-    rows: list[dict[str, Any]] = [{"image": str(p)} for p in images]
+    limits = PageLimits.from_config(run.config.data)
+    docs = [[p] if isinstance(p, (str, Path)) else list(p) for p in images]
+    rows: list[dict[str, Any]] = [{"image": str(d[0])} if isinstance(p, (str, Path)) else
+                                  {"images": [str(x) for x in d]} for p, d in zip(images, docs)]
     loaded: list[tuple[int, Any]] = []
-    for i, p in enumerate(images):
+    for i, d in enumerate(docs):
         try:
-            loaded.append((i, load_image(p, max_pixels=run.config.data.max_image_pixels)))
+            loaded.append((i, load_pages([FileSource(Path(x)) for x in d], limits)))
         except Exception as e:  # noqa: BLE001 - reported per input, the others still run
             rows[i]["error"] = str(e)
     if not loaded:
@@ -126,7 +133,8 @@ def check(path: str | Path, config: Config | None = None, *, notes: list[str] | 
         processor = None
         if notes is not None:
             notes.append(f"token counts and the data.max_length check skipped: {e}")
-    return build_report(path, processor, d.system_message, d.max_length if processor else None, d.max_image_pixels)
+    return build_report(path, processor, d.system_message, d.max_length if processor else None,
+                        PageLimits.from_config(d), Columns.from_config(d))
 
 
 def score(pred_path: str | Path, gold_path: str | Path, out_dir: str | Path, *,

@@ -64,11 +64,12 @@ def _predict(o: dict, cfg: dict) -> int:
               f"written now; {counts['errors']} unreadable (see their 'error' lines)")
         return 1 if counts["errors"] else 0
     if not o["images"]:
-        print("error: give image files, or --input and --output", file=sys.stderr)
+        print("error: give image or PDF files, or --input and --output", file=sys.stderr)
         return 2
     from .api import predict
 
-    rows = predict(o["run"], o["images"], which=o["checkpoint"], compare_base=o["compare_base"],
+    documents = [o["images"]] if o["one_document"] else o["images"]
+    rows = predict(o["run"], documents, which=o["checkpoint"], compare_base=o["compare_base"],
                    constrained=o["constrained"], overrides=cfg)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False, indent=2))

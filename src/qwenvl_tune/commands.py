@@ -56,9 +56,12 @@ class EvaluateOptions:
 @dataclass
 class PredictOptions:
     run: str = _req("Run folder (runs/NAME).")
-    images: list[str] = _pos("Image files (results printed as JSON); or --input/--output for bulk runs.", [])
+    images: list[str] = _pos("Documents: image files or PDFs, one result each (printed as JSON); or --input/--output "
+                             "for bulk runs.", [])
+    one_document: bool = _f(False, "The files are the pages of one document, in order (one result).")
     checkpoint: Checkpoint = _f("best", "Which checkpoint of the run.")
-    input: str | None = _f(None, "Folder of images or a .jsonl list: bulk extraction, streamed to --output.")
+    input: str | None = _f(None, "Folder of images and PDFs, or a .jsonl list ({\"image\"} or {\"images\": [pages]} "
+                                 "per line): bulk extraction, streamed to --output.")
     output: str | None = _f(None, "JSONL file for bulk results (resumable: inputs already in it are skipped).")
     devices: int = _f(1, "Worker processes for bulk runs (one per GPU).")
     compare_base: bool = _f(False, "Also show the base model's answer (decoded the same way).")

@@ -44,13 +44,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Dataset folder holding train/, valid/ (or val/) and optional test/, each with annotations.jsonl.")
+    path: str = _f("", "Dataset folder holding train, valid (or val) and optional test splits: <split>/annotations.jsonl (Roboflow, messages or ShareGPT rows), a datasets save_to_disk folder, or Parquet files.")
     system_message: str | None = _f(None, "System message; none by default, so the model's chat template decides.")
     prompt: str = _f("extract data in JSON format", "Instruction used by predict and serve when none is given.")
     min_pixels: int = _f(256 * 28 * 28, "Smallest image area (pixels) the processor resizes to.")
     max_pixels: int = _f(1280 * 28 * 28, "Largest image area (pixels) the processor resizes to.")
     max_length: int = _f(4096, "Longest training sequence in tokens; a longer sample is an error naming it (never truncated).")
     max_image_pixels: int = _f(178_956_970, "Decompression-bomb guard: images with more pixels than this are rejected.")
+    max_pages: int = _f(8, "Most pages in one document (image files plus PDF pages); a longer one is an error naming it.")
+    image_column: str = _f("", "Parquet/datasets input: the image column (an image, or a list of page images); empty: images, image or pages.")
+    answer_column: str = _f("", "Parquet/datasets input: the answer column (text or JSON); empty: suffix, answer, ground_truth, ... or a messages column.")
+    prompt_column: str = _f("", "Parquet/datasets input: the prompt column; empty: prefix, prompt, question, ... or data.prompt when there is none.")
     skip_invalid: bool = _f(False, "Skip rows that fail the data check (each one is reported and recorded) instead of stopping.")
     num_workers: int = _f(2, "DataLoader worker processes for image decoding and tokenisation.")
 
@@ -169,6 +173,8 @@ class Config:
         d, t = self.data, self.train
         if d.min_pixels <= 0 or d.max_pixels < d.min_pixels:
             raise ConfigError(f"data.min_pixels ({d.min_pixels}) must be > 0 and <= data.max_pixels ({d.max_pixels})")
+        if d.max_pages < 1:
+            raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
         for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")

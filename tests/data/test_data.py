@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import swatch
 from qwenvl_tune.data.check import check_split
+from qwenvl_tune.data.documents import PageLimits
 from qwenvl_tune.data.images import load_image
 from qwenvl_tune.data.records import (DataError, ImageError, SplitError,
                                       read_split, serialize_target)
@@ -60,7 +61,6 @@ def _only_problem(folder: Path, kind: str, line: int, field: str | None = None, 
     ('"just a string"', "JSONLError", None),
     ('{"image": "ok.png", "image": "b.png", "prefix": "x", "suffix": "y"}', "JSONLError", "image"),  # duplicate key
     ({"prefix": "x", "suffix": "y"}, "SchemaError", "image"),                           # missing key
-    ({**GOOD, "comment": "hi"}, "SchemaError", "comment"),                              # extra key
     ({**GOOD, "prefix": 3}, "SchemaError", "prefix"),                                   # wrong type
     ({**GOOD, "suffix": None}, "SchemaError", "suffix"),                                # null answer
     ({**GOOD, "suffix": "  "}, "SchemaError", "suffix"),                                # empty answer
@@ -73,6 +73,17 @@ def test_bad_rows(tmp_path, bad, kind, field):
     rep, p = _only_problem(folder, kind, 2, field)
     assert [r.line for r in rep.records] == [1, 3]  # the others are kept, nothing silently dropped
     assert rep.rows == 3
+
+
+def test_extra_keys_are_ignored_and_reported_once_never_an_error(tmp_path):
+    folder = _split(tmp_path, [{**GOOD, "comment": "hi"}, {**GOOD, "prefix": "b", "comment": "", "source": 3}, GOOD])
+    rep = check_split(folder.parent, "train")
+    assert not rep.errors and len(rep.records) == 3
+    notes = [p for p in rep.problems if p.kind == "IgnoredKeys"]
+    assert len(notes) == 1 and notes[0].level == "warning"
+    assert "'comment' (2 rows)" in notes[0].message and "'source' (1 row)" in notes[0].message
+    assert rep.ignored == {"comment": 2, "source": 1}
+    assert all(r.extra == {} for r in rep.records)  # kept out of training
 
 
 def test_blank_lines_bom_and_crlf(tmp_path):
@@ -155,7 +166,7 @@ def test_broken_images(tmp_path, name, data, needle):
 
 def test_decompression_bomb_limit_is_configurable(tmp_path):
     _split(tmp_path, [{**GOOD, "image": "big.png"}], {"big.png": swatch((9, 9, 9), (400, 400))})
-    rep = check_split(tmp_path, "train", max_image_pixels=100_000)
+    rep = check_split(tmp_path, "train", limits=PageLimits(max_image_pixels=100_000))
     assert [p.kind for p in rep.errors] == ["ImageError"] and "exceeds the limit" in rep.errors[0].message
     assert not check_split(tmp_path, "train").errors
 

@@ -21,6 +21,14 @@ rows = st.one_of(
     st.dictionaries(st.sampled_from(["image", "prefix", "suffix", "extra"]), json_values, max_size=4),
     json_values,
     st.fixed_dictionaries({"image": st.text(max_size=20), "prefix": st.text(max_size=20), "suffix": json_values}),
+    # messages / ShareGPT rows, well-formed or not
+    st.fixed_dictionaries({"messages": st.one_of(json_values, st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "assistant", "system", "bot", 3]),
+        "content": st.one_of(st.text(max_size=20).map(lambda t: "<image>" + t), json_values)}), max_size=4)),
+        "images": st.one_of(json_values, st.lists(st.sampled_from(["a.png", "b.png", ""]), max_size=3))}),
+    st.fixed_dictionaries({"conversations": json_values, "images": json_values}),
+    st.fixed_dictionaries({"images": st.lists(st.one_of(st.text(max_size=8), json_values), max_size=10),
+                           "prefix": st.text(max_size=5), "suffix": json_values}),
 )
 
 
@@ -32,10 +40,10 @@ def test_loader_returns_records_or_our_errors(tmp_path_factory, lines):
     swatch((1, 2, 3)).save(folder / "a.png")
     (folder / "annotations.jsonl").write_text("\n".join(lines), encoding="utf-8")
     try:
-        records, problems, n = read_split(folder)
+        got = read_split(folder)
     except DataError:
         return
-    assert len(records) + sum(p.level == "error" for p in problems) == n  # every row accounted for
+    assert len(got.records) + sum(p.level == "error" for p in got.problems) == got.rows  # every row accounted for
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

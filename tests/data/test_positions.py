@@ -21,21 +21,25 @@ from qwenvl_tune.modeling.positions import PositionCheck, model_rope_index
 PIXELS = 64 * 28 * 28
 
 
-def _batch(proc, **collate_options):
+def _batch(proc, pages: int = 1, **collate_options):
     enc = Encoder(proc)
     # pages of different shapes (wide, tall, square grids) and answers of different lengths: right padding
     sizes = [(300, 420), (560, 280), (336, 336)]
     rng = np.random.default_rng(0)  # noise, not flat colour: patches must differ for positions to matter
-    pages = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
-    items = [enc.encode_train(page, "extract", f'{{"n": "{i}"}}' * (2 * i + 1)) for i, page in enumerate(pages)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    # with several pages, sample i reads pages i, i+1, ...: each document mixes grid shapes
+    docs = [[images[(i + k) % 3] for k in range(pages)] for i in range(3)]
+    items = [enc.encode_train(doc, "extract", f'{{"n": "{i}"}}' * (2 * i + 1)) for i, doc in enumerate(docs)]
     return collate(items, enc.pad_id, left=False, **collate_options)
 
 
+@pytest.mark.parametrize("pages", [1, 2, 3])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-def test_loader_positions_equal_the_models_rope_index(family, tiny_family):
+def test_loader_positions_equal_the_models_rope_index(family, pages, tiny_family):
     ckpt = tiny_family(family)
     proc = load_processor(ckpt, PIXELS, PIXELS * 4)
-    batch = _batch(proc)
+    batch = _batch(proc, pages)
+    assert len(batch["image_grid_thw"]) == 3 * pages
     model = load_base_model(build_config(None, {"model.name_or_path": str(ckpt), "model.dtype": "float32"}).model)
     theirs = model_rope_index(model, batch)
     mask = batch["attention_mask"].bool()

@@ -70,6 +70,27 @@ def test_official_client_gets_schema_valid_json(server):
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 3
 
 
+def test_a_document_of_several_pages_or_a_pdf_through_the_official_client(server):
+    from PIL import Image
+
+    from qwenvl_tune.data.documents import pdf_bytes_from_images
+
+    url, (run, valid) = server
+    client = _client(url)
+    one = client.chat.completions.create(model=run.name, messages=_messages(_data_url(valid / "0.png")))
+    two = _messages(_data_url(valid / "0.png"))
+    two[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": _data_url(valid / "1.png")}})
+    both = client.chat.completions.create(model=run.name, messages=two)
+    pdf = pdf_bytes_from_images([Image.open(valid / "0.png"), Image.open(valid / "1.png")])
+    as_pdf = client.chat.completions.create(model=run.name,
+                                            messages=_messages(_data_url(pdf, "application/pdf")))
+    # each page is its own image in the prompt: two pages cost the tokens of both
+    assert both.usage.prompt_tokens > one.usage.prompt_tokens
+    assert as_pdf.usage.prompt_tokens > one.usage.prompt_tokens
+    for resp in (both, as_pdf):
+        json.loads(resp.choices[0].message.content)  # constrained to the learnt schema: it parses
+
+
 def test_streaming_chunks_concatenate_to_the_same_content(server):
     url, (run, valid) = server
     client = _client(url)
@@ -104,7 +125,8 @@ def test_models_list_and_auth_and_limits(server):
     ("remote_url", 400, "remote image URLs are not fetched"),
     ("no_image", 400, "no image"),
     ("bad_schema", 422, "invalid JSON schema"),
-    ("two_images", 400, "2 images"),
+    ("too_many_pages", 413, "data.max_pages=8"),
+    ("corrupt_pdf", 400, "corrupt or unreadable PDF"),
     ("over_budget", 400, "over this model's budget"),
     ("n_2", 400, "n must be 1"),
     ("not_json", 400, "invalid request"),
@@ -125,8 +147,10 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(server,
         body["messages"] = [{"role": "user", "content": "extract data in JSON format"}]
     elif case == "bad_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
-    elif case == "two_images":
-        body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": good}})
+    elif case == "too_many_pages":  # nine pages, one over the run's data.max_pages
+        body["messages"][0]["content"] += [{"type": "image_url", "image_url": {"url": good}}] * 8
+    elif case == "corrupt_pdf":
+        body["messages"] = _messages("data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 broken").decode())
     elif case == "over_budget":
         body["messages"][0]["content"].append({"type": "text", "text": "word " * 5000})
     elif case == "n_2":

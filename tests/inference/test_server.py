@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import ROOT, swatch, tiny_overrides, write_split
+from conftest import BAD_PDF_MESSAGES, ROOT, bad_pdfs, swatch, tiny_overrides, write_split
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
 from qwenvl_tune.inference.server import Extractor, create_app
@@ -87,6 +87,33 @@ def test_bad_inputs_get_clear_4xx_and_server_stays_up(extractor, served_run):
             assert needle in resp.json()["error"]["message"], resp.text
         ok = client.post("/v1/extract", files={"image": ("0.png", good, "image/png")}, headers=key)
         assert ok.status_code == 200 and ok.json()["valid"]
+
+
+def test_a_document_of_several_files_or_a_pdf(extractor, served_run):
+    from PIL import Image
+
+    from qwenvl_tune.data.documents import pdf_bytes_from_images
+
+    valid = served_run[1]
+    pages = [Image.open(valid / "0.png"), Image.open(valid / "1.png")]
+    with TestClient(create_app(extractor)) as client:
+        assert client.get("/health").json()["max_pages"] == 8
+        two = client.post("/v1/extract", files=[("image", ("0.png", _png(valid / "0.png"), "image/png")),
+                                                ("image", ("1.png", _png(valid / "1.png"), "image/png"))])
+        assert two.status_code == 200, two.text
+        assert two.json()["pages"] == 2 and two.json()["image"] == ["0.png", "1.png"] and two.json()["valid"]
+        pdf = client.post("/v1/extract", files={"image": ("doc.pdf", pdf_bytes_from_images(pages), "application/pdf")})
+        assert pdf.status_code == 200, pdf.text
+        assert pdf.json()["pages"] == 2 and pdf.json()["image"] == "doc.pdf" and pdf.json()["valid"]
+        for name, data in bad_pdfs(pages).items():
+            r = client.post("/v1/extract", files={"image": (name, data, "application/pdf")})
+            assert r.status_code == 400, (name, r.text)
+            assert BAD_PDF_MESSAGES[name] in r.json()["error"]["message"] and name in r.json()["error"]["message"]
+        nine = client.post("/v1/extract", files={"image": ("long.pdf", pdf_bytes_from_images(pages * 4 + pages[:1]),
+                                                           "application/pdf")})
+        assert nine.status_code == 413 and "9 pages, over data.max_pages=8" in nine.json()["error"]["message"]
+        assert client.post("/v1/extract", files={"image": ("0.png", _png(valid / "0.png"), "image/png")}).json()[
+            "json"] == TARGETS[0]  # and the service goes on
 
 
 def test_pixel_limit(extractor):
@@ -260,6 +287,26 @@ def test_page_uploads_an_image_and_renders_fields(extractor, served_run):
         values = page.locator("#fields td:not(.key)").all_inner_texts()
         assert dict(zip(keys, values)) == TARGETS[0]
         page.screenshot(path=str(ARTIFACTS / "serve_page.png"))
+        # the pages of one document dropped together, and a PDF: each one queue item, one result
+        from qwenvl_tune.data.documents import pdf_bytes_from_images
+        from PIL import Image
+
+        pdf = ARTIFACTS / "two-pages.pdf"
+        pdf.write_bytes(pdf_bytes_from_images([Image.open(served_run[1] / "0.png"), Image.open(served_run[1] / "1.png")]))
+        page.check("#together")
+        page.set_input_files("#file", [str(served_run[1] / "0.png"), str(served_run[1] / "1.png")])
+        page.uncheck("#together")
+        page.set_input_files("#file", str(pdf))
+        assert page.locator("#queue li").count() == 5
+        assert page.locator("#queue li .name").nth(3).inner_text() == "0.png + 1.png (2 pages)"
+        page.click("#go")
+        page.wait_for_function("[...document.querySelectorAll('#queue li')].every(li => li.className.includes('done') "
+                               "|| li.className.includes('error'))", timeout=60_000)
+        assert page.locator("#queue li .state").all_inner_texts()[3:] == ["done", "done"]
+        assert "2 pages" in page.locator("#valid").inner_text()  # the PDF's result, shown last
+        page.locator("#queue li").nth(3).click()
+        assert "2 pages" in page.locator("#valid").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "serve_page_pages.png"))
         # the browser logs the deliberate 400 as a failed resource; no script error is allowed
         assert [e for e in errors if "Failed to load resource" not in e] == []
         browser.close()

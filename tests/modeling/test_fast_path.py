@@ -16,11 +16,47 @@ from qwenvl_tune.modeling.fastpath import FastPath
 from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
 
 
-def _batch(proc):
+def _batch(proc, pages: int = 1, vision=None):
     enc = Encoder(proc)
-    items = [enc.encode_train(Image.new("RGB", (300 + 60 * i, 400), (40 * i, 90, 20)), "extract", f'{{"n": "{i}" }}' * (i + 1))
+    items = [enc.encode_train([Image.new("RGB", (300 + 60 * i + 90 * k, 400 - 50 * k), (40 * i, 90, 20 + 60 * k))
+                               for k in range(pages)], "extract", f'{{"n": "{i}" }}' * (i + 1))
              for i in range(3)]
-    return collate(items, enc.pad_id, left=False)
+    return collate(items, enc.pad_id, left=False, vision=vision)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_fast_path_with_two_pages_per_sample_matches_the_plain_path(tiny_family, tmp_path, family):
+    """Several images per sample: loader-side rope positions and vision indices, varlen vision attention and
+    answer-only logits give the plain model's loss and LoRA gradients."""
+    from qwenvl_tune.data.positions import VisionIndex
+
+    ckpt = tiny_family(family)
+    results = {}
+    for fast_path in (False, True):
+        cfg = build_config(None, tiny_overrides(tmp_path, ckpt, tmp_path, **{
+            "model.fast_path": fast_path, "model.method": "lora", "lora.target_modules": "all-linear",
+            "data.min_pixels": 16 * 28 * 28, "data.max_pixels": 64 * 28 * 28}))
+        proc = load_processor(ckpt, cfg.data.min_pixels, cfg.data.max_pixels)
+        torch.manual_seed(0)
+        model = prepare_for_training(load_base_model(cfg.model), cfg)
+        batch = _batch(proc, pages=2, vision=VisionIndex.for_config(model.config) if fast_path else None)
+        assert len(batch["image_grid_thw"]) == 6  # three samples, two pages each
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if fast_path:
+            inputs.update({k: v for k, v in batch.items() if k == "position_ids" or k.startswith("image_")
+                           and k != "image_grid_thw"})
+            loss = floss.answer_only_loss(model, inputs, batch["labels"], batch["answer_positions"])
+        else:
+            loss = model(**inputs, labels=batch["labels"]).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fast_path] = (loss.detach(), grads)
+    fattn.register()
+    (l0, g0), (l1, g1) = results[False], results[True]
+    assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -1,9 +1,8 @@
 """Validate a dataset before any GPU time is spent.
 
-Every row is parsed and type-checked, every image decoded, and (given a
-processor) every sample's token count computed from the image size without
-loading model weights. Problems name file, line and field; nothing is dropped
-without being counted and listed.
+Every row is parsed and type-checked, every page decoded (PDFs rendered), and (given a processor) every
+sample's token count computed from its page sizes without loading model weights. Problems name file, line
+(or table row) and field; nothing is dropped without being counted and listed.
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import render
-from .images import load_image
-from .records import DataError, Problem, Record, SplitError, find_split, read_split
+from .documents import PageLimits, load_pages
+from .formats import Columns, SplitLocation, locate_split, read_location
+from .records import DataError, Problem, Record, SplitError
 
 
 @dataclass
@@ -27,9 +27,11 @@ class SplitReport:
     rows: int = 0
     records: list[Record] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    page_sizes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     duplicates: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -37,66 +39,76 @@ class SplitReport:
 
     def summary(self) -> dict[str, Any]:
         totals = [t["total"] for t in self.tokens.values()]
+        pages = [len(s) for s in self.page_sizes.values()]
         return {
             "split": self.split, "folder": self.folder, "rows": self.rows, "usable": len(self.records),
             "errors": len(self.errors), "warnings": len(self.problems) - len(self.errors),
             "duplicates": self.duplicates, "max_tokens": max(totals) if totals else None,
+            "formats": dict(self.formats), "ignored_keys": dict(self.ignored),
+            "pages": {"total": sum(pages), "max": max(pages) if pages else 0,
+                      "multi_page_documents": sum(1 for n in pages if n > 1)},
         }
 
 
-def _check_image(r: Record, max_image_pixels: int) -> tuple[Record, tuple[int, int] | None, DataError | None]:
+def _check_pages(r: Record, limits: PageLimits) -> tuple[Record, list[tuple[int, int]] | None, DataError | None]:
     try:
-        im = load_image(r.image_path, max_pixels=max_image_pixels, where=(r.file, r.line))
-        return r, im.size, None
+        return r, [im.size for im in load_pages(r.sources, limits, r.where)], None
     except DataError as e:
         return r, None, e
 
 
-def sample_tokens(processor: Any, r: Record, size: tuple[int, int], system_message: str | None) -> dict[str, int]:
-    """Token counts of one sample, computed from the image size (no pixels processed, no model)."""
-    turns = render(processor, r.prefix, system_message, r.target_text)
+def sample_tokens(processor: Any, r: Record, sizes: list[tuple[int, int]], system_message: str | None
+                  ) -> dict[str, Any]:
+    """Token counts of one sample, computed from its page sizes (no pixels processed, no model)."""
+    turns = render(processor, r.prefix, r.system or system_message, r.target_text, len(sizes))
     tok = processor.tokenizer
     prompt = len(tok(turns.prompt, add_special_tokens=False)["input_ids"])
     answer = len(tok(turns.target, add_special_tokens=False)["input_ids"])
     tail = len(tok(turns.tail, add_special_tokens=False)["input_ids"]) if turns.tail else 0
-    w, h = size
-    image = processor._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"][0]
-    # The prompt text holds one image placeholder token, which the processor expands to `image` tokens.
-    prompt_total = prompt - 1 + image
-    return {"image": int(image), "prompt": prompt_total, "answer": answer, "total": prompt_total + answer + tail}
+    pages = [int(n) for n in processor._get_num_multimodal_tokens(
+        image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]]
+    # The prompt text holds one placeholder token per page, which the processor expands to that page's tokens.
+    prompt_total = prompt - len(sizes) + sum(pages)
+    return {"image": sum(pages), "pages": pages, "prompt": prompt_total, "answer": answer,
+            "total": prompt_total + answer + tail}
 
 
 def check_split(data_dir: str | Path, split: str, *, processor: Any = None, system_message: str | None = None,
-                max_length: int | None = None, max_image_pixels: int = 178_956_970, workers: int = 4) -> SplitReport:
-    """Read, validate and measure one split. Missing optional splits raise SplitError."""
-    folder = find_split(data_dir, split)
-    if folder is None:
-        raise SplitError(f"split '{split}' not found: expected {Path(data_dir) / split / 'annotations.jsonl'}",
+                max_length: int | None = None, limits: PageLimits = PageLimits(), columns: Columns = Columns(),
+                workers: int = 4, location: SplitLocation | None = None) -> SplitReport:
+    """Read, validate and measure one split, in any supported format. A missing split raises SplitError."""
+    loc = location or locate_split(data_dir, split)
+    if loc is None:
+        raise SplitError(f"split '{split}' not found: expected {Path(data_dir) / split / 'annotations.jsonl'}, a "
+                         f"datasets folder {Path(data_dir) / split}/ or Parquet files named {split}*.parquet",
                          Path(data_dir) / split)
-    records, problems, rows = read_split(folder, split)
-    report = SplitReport(split, str(folder), rows, problems=problems)
+    columns = Columns(columns.image, columns.answer, columns.prompt, columns.default_prompt, limits.max_pages)
+    read = read_location(loc, columns)
+    report = SplitReport(split, loc.label, read.rows, problems=read.problems, formats=read.layouts,
+                         ignored=read.ignored)
     seen: Counter = Counter()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checked = list(pool.map(lambda r: _check_image(r, max_image_pixels), records))
-    for r, size, err in checked:
+        checked = list(pool.map(lambda r: _check_pages(r, limits), read.records))
+    for r, sizes, err in checked:
         if err is not None:
             report.problems.append(Problem.from_error(err))
             continue
-        key = (str(r.image_path), r.prefix)
+        key = (tuple(r.image_names), r.prefix)
         seen[key] += 1
         if seen[key] > 1:
             report.duplicates += 1
-            report.problems.append(Problem(r.file, r.line, "image", f"duplicate of an earlier row (same image "
-                                           f"'{r.image_path.name}' and prefix)", "warning", "DuplicateRow"))
-        report.image_sizes[r.id] = size
+            report.problems.append(Problem(r.file, r.line, "image", f"duplicate of an earlier row (same document "
+                                           f"'{Path(r.image_names[0]).name}' and prefix)", "warning", "DuplicateRow"))
+        report.page_sizes[r.id] = sizes
         if processor is not None:
-            counts = sample_tokens(processor, r, size, system_message)
+            counts = sample_tokens(processor, r, sizes, system_message)
             report.tokens[r.id] = counts
             if max_length is not None and counts["total"] > max_length:
+                per_page = ", ".join(str(n) for n in counts["pages"])
                 report.problems.append(Problem(
-                    r.file, r.line, "suffix", f"sample is {counts['total']} tokens ({counts['image']} image, "
-                    f"{counts['answer']} answer), over data.max_length={max_length}; it would have to be truncated",
-                    "error", "SampleTooLongError"))
+                    r.file, r.line, "suffix", f"sample is {counts['total']} tokens ({counts['image']} image over "
+                    f"{len(sizes)} page(s): {per_page}; {counts['answer']} answer), over data.max_length="
+                    f"{max_length}; it would have to be truncated", "error", "SampleTooLongError"))
                 continue
         report.records.append(r)
     report.problems.sort(key=lambda p: (p.file, p.line or 0))

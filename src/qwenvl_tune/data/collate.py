@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 from PIL import Image
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .positions import VisionIndex, image_token_id, mrope_positions
 from .conversation import render
-from .images import load_image
+from .documents import PageLimits, load_pages
 from .records import DataError, Record
 
 IGNORE_INDEX = -100
@@ -28,9 +28,21 @@ class SampleTooLongError(DataError):
     """A sample does not fit ``data.max_length``; it is never truncated through image tokens."""
 
 
+Pages = Union[Image.Image, Sequence[Image.Image]]
+
+
+def as_pages(pages: Any) -> list[Image.Image]:
+    """A document's pages as a list (one image is a one-page document)."""
+    return [pages] if isinstance(pages, Image.Image) else list(pages)
+
+
 @dataclass
 class Encoder:
-    """Turns (image, prefix[, answer]) into model inputs with one processor and one system message."""
+    """Turns (pages, prefix[, answer]) into model inputs with one processor and one system message.
+
+    A document's pages go to the model in order, each its own image (its own grid of patches and its own
+    rope positions), followed by the instruction.
+    """
 
     processor: Any
     system_message: str | None = None
@@ -41,8 +53,8 @@ class Encoder:
         tok = self.processor.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def _prompt(self, image: Image.Image, prompt_text: str) -> dict[str, torch.Tensor]:
-        enc = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
+    def _prompt(self, pages: list[Image.Image], prompt_text: str) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=[prompt_text], images=pages, return_tensors="pt")
         out = {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
         if "mm_token_type_ids" in enc:
             out["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
@@ -56,16 +68,19 @@ class Encoder:
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
-    def encode_train(self, image: Image.Image, prefix: str, answer: str, where: Record | None = None) -> dict[str, Any]:
-        turns = render(self.processor, prefix, self.system_message, answer)
-        enc = self._prompt(image, turns.prompt)
+    def encode_train(self, pages: Pages, prefix: str, answer: str, where: Record | None = None,
+                     system: str | None = None) -> dict[str, Any]:
+        pages = as_pages(pages)
+        turns = render(self.processor, prefix, system or self.system_message, answer, len(pages))
+        enc = self._prompt(pages, turns.prompt)
         target, tail = self._text_ids(turns.target), self._text_ids(turns.tail)
         prompt_ids = enc.pop("input_ids")
         input_ids = torch.cat([prompt_ids, target, tail])
         if self.max_length is not None and len(input_ids) > self.max_length:
             file, line = (where.file, where.line) if where else (None, None)
             raise SampleTooLongError(
-                f"sample is {len(input_ids)} tokens ({len(prompt_ids)} prompt incl. image, {len(target)} answer), "
+                f"sample is {len(input_ids)} tokens ({len(prompt_ids)} prompt incl. {len(pages)} page(s), "
+                f"{len(target)} answer), "
                 f"over data.max_length={self.max_length}; raise max_length or lower data.max_pixels", file, line, "suffix")
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(prompt_ids): len(prompt_ids) + len(target)] = target
@@ -76,8 +91,10 @@ class Encoder:
             enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(target) + len(tail), dtype=torch.long)])
         return enc
 
-    def encode_prompt(self, image: Image.Image, prefix: str) -> dict[str, Any]:
-        return self._prompt(image, render(self.processor, prefix, self.system_message).prompt)
+    def encode_prompt(self, pages: Pages, prefix: str, system: str | None = None) -> dict[str, Any]:
+        pages = as_pages(pages)
+        return self._prompt(pages, render(self.processor, prefix, system or self.system_message, None,
+                                          len(pages)).prompt)
 
 
 def _pad(seqs: Sequence[torch.Tensor], value: int, left: bool, multiple: int = 1) -> torch.Tensor:
@@ -150,21 +167,22 @@ class RecordDataset(Dataset):
     prompt only plus the gold target text for scoring.
     """
 
-    def __init__(self, records: Sequence[Record], encoder: Encoder, mode: str = "train", max_image_pixels: int = 178_956_970):
+    def __init__(self, records: Sequence[Record], encoder: Encoder, mode: str = "train",
+                 limits: PageLimits = PageLimits()):
         if mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
-        self.records, self.encoder, self.mode, self.max_image_pixels = list(records), encoder, mode, max_image_pixels
+        self.records, self.encoder, self.mode, self.limits = list(records), encoder, mode, limits
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        image = load_image(r.image_path, max_pixels=self.max_image_pixels, where=(r.file, r.line))
+        pages = load_pages(r.sources, self.limits, where=r.where)
         if self.mode == "train":
-            item = self.encoder.encode_train(image, r.prefix, r.target_text, where=r)
+            item = self.encoder.encode_train(pages, r.prefix, r.target_text, where=r, system=r.system)
         else:
-            item = self.encoder.encode_prompt(image, r.prefix)
+            item = self.encoder.encode_prompt(pages, r.prefix, system=r.system)
         item["ids"] = r.id
         item["targets"] = r.target_text
         return item

@@ -1,7 +1,8 @@
 """The one conversation builder, used by training, validation, prediction and serving.
 
-[system?] + user [image, prefix] + assistant [answer]. With no system message the
-model's own chat template decides (Qwen2/2.5-VL add a default one, Qwen3-VL none).
+[system?] + user [page 1, ..., page n, prefix] + assistant [answer]: a document's pages in order, then the
+instruction. With no system message the model's own chat template decides (Qwen2/2.5-VL add a default one,
+Qwen3-VL none).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def build_messages(prefix: str, system_message: str | None = None, answer: str | None = None) -> list[dict[str, Any]]:
-    """Chat messages for one sample; the image is a placeholder filled in by the processor."""
+def build_messages(prefix: str, system_message: str | None = None, answer: str | None = None,
+                   pages: int = 1) -> list[dict[str, Any]]:
+    """Chat messages for one sample; each page is a placeholder filled in by the processor."""
     messages: list[dict[str, Any]] = []
     if system_message:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_message}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prefix}]})
+    content = [{"type": "image"} for _ in range(pages)] + [{"type": "text", "text": prefix}]
+    messages.append({"role": "user", "content": content})
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
@@ -36,7 +39,8 @@ class RenderedTurns:
     tail: str
 
 
-def render(processor: Any, prefix: str, system_message: str | None, answer: str | None = None) -> RenderedTurns:
+def render(processor: Any, prefix: str, system_message: str | None, answer: str | None = None,
+           pages: int = 1) -> RenderedTurns:
     """Render prompt (and, with ``answer``, the supervised target) as text with the processor's template.
 
     The split is derived from the template itself, so no token or marker is
@@ -44,11 +48,11 @@ def render(processor: Any, prefix: str, system_message: str | None, answer: str 
     full conversation must start with it; the target runs to the first
     non-whitespace text after the answer (the end-of-turn marker).
     """
-    prompt = processor.apply_chat_template(build_messages(prefix, system_message), add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = processor.apply_chat_template(build_messages(prefix, system_message, pages=pages),
+                                           add_generation_prompt=True, tokenize=False)
     if answer is None:
         return RenderedTurns(prompt, "", "")
-    full = processor.apply_chat_template(build_messages(prefix, system_message, answer), tokenize=False)
+    full = processor.apply_chat_template(build_messages(prefix, system_message, answer, pages), tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the answer; "
                          "cannot tell where the answer starts")

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REQUIRED_KEYS = ("image", "prefix", "suffix")
 from ..errors import QwenVLTuneError
+
+REQUIRED_KEYS = ("image", "prefix", "suffix")
 
 SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
 ANNOTATIONS = "annotations.jsonl"
@@ -86,20 +87,34 @@ class Problem:
 
 @dataclass
 class Record:
-    """One validated sample. ``id`` is stable: ``<split>:<line>``."""
+    """One validated sample: a document (one or more input files, each an image or a PDF), its prompt and answer.
+
+    ``id`` is stable: ``<split>:<line>`` (or ``<split>:<row>`` for table formats). ``system`` is a row's own
+    system message (messages-style rows), used instead of ``data.system_message``.
+    """
 
     id: str
     split: str
-    image_path: Path
+    sources: tuple[Any, ...]
     prefix: str
     suffix: Any
     file: str
     line: int
+    system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_text(self) -> str:
         return serialize_target(self.suffix)
+
+    @property
+    def image_names(self) -> list[str]:
+        """The document's input files, as predictions and reports name them."""
+        return [s.name for s in self.sources]
+
+    @property
+    def where(self) -> tuple[str, int]:
+        return self.file, self.line
 
 
 def serialize_target(suffix: Any) -> str:
@@ -133,71 +148,251 @@ def parse_line(text: str, file: str, line: int) -> dict[str, Any]:
     return obj
 
 
-def validate_row(obj: dict[str, Any], file: str, line: int, split_dir: Path, allow_extra: bool = False) -> tuple[Path, str, Any]:
-    """Check keys and types of one row and resolve its image path (existence is checked by the image loader)."""
-    for key in REQUIRED_KEYS:
-        if key not in obj:
-            raise SchemaError(f"missing key '{key}' (a row needs {', '.join(REQUIRED_KEYS)})", file, line, key)
-    extra = sorted(set(obj) - set(REQUIRED_KEYS))
-    if extra and not allow_extra:
-        raise SchemaError(f"unexpected key(s) {extra}; a row has exactly {', '.join(REQUIRED_KEYS)}", file, line, extra[0])
-    image, prefix, suffix = obj["image"], obj["prefix"], obj["suffix"]
-    if not isinstance(image, str) or not image.strip():
-        raise SchemaError(f"'image' must be a non-empty string (a path relative to {split_dir}), got {image!r}", file, line, "image")
-    if not isinstance(prefix, str):
-        raise SchemaError(f"'prefix' must be a string, got {type(prefix).__name__}", file, line, "prefix")
-    if suffix is None:
-        raise SchemaError("'suffix' is null; it must be the target answer (a string or a JSON object/array)", file, line, "suffix")
-    if isinstance(suffix, str):
-        if not suffix.strip():
-            raise SchemaError("'suffix' is empty; it must be the target answer", file, line, "suffix")
-    elif isinstance(suffix, (dict, list)):
-        if not suffix:
-            raise SchemaError(f"'suffix' is an empty {type(suffix).__name__}; it must hold the target answer", file, line, "suffix")
+# Row layouts, detected per row by their keys. Each maps to (document files, prompt, answer[, system]).
+ROBOFLOW = "roboflow"  # {"image" | "images", "prefix", "suffix"}: Roboflow / maestro JSONL
+MESSAGES = "messages"  # {"messages": [{"role", "content"}], "images"}: LLaMA-Factory (openai style) / ms-swift
+SHAREGPT = "sharegpt"  # {"conversations": [{"from", "value"}], "images"}: LLaMA-Factory sharegpt
+FORMAT_NAMES = {ROBOFLOW: "Roboflow/maestro JSONL (image, prefix, suffix)",
+                MESSAGES: "messages JSONL (LLaMA-Factory / ms-swift: messages + images)",
+                SHAREGPT: "ShareGPT JSONL (LLaMA-Factory: conversations + images)"}
+KNOWN_KEYS = {ROBOFLOW: {"image", "images", "prefix", "suffix"},
+              MESSAGES: {"messages", "images", "image", "system"},
+              SHAREGPT: {"conversations", "images", "image", "system"}}
+IMAGE_MARKER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "bot": "assistant", "model": "assistant"}
+
+
+@dataclass
+class Row:
+    """One row's content, whatever its layout: document files (unresolved), prompt, answer, system message."""
+
+    layout: str
+    images: list[Any]
+    prompt: str
+    answer: Any
+    system: str | None = None
+    ignored: tuple[str, ...] = ()
+
+
+def row_layout(obj: dict[str, Any], file: str, line: int) -> str:
+    if "messages" in obj:
+        return MESSAGES
+    if "conversations" in obj:
+        return SHAREGPT
+    if {"image", "images", "prefix", "suffix"} & set(obj):
+        return ROBOFLOW
+    raise SchemaError(f"unrecognised row with keys {sorted(obj)[:6]}: a row needs image (or images), prefix and suffix "
+                      f"(Roboflow/maestro), or messages + images (LLaMA-Factory / ms-swift)", file, line,
+                      next(iter(sorted(obj)), None))
+
+
+def check_answer(answer: Any, file: str, line: int, field: str) -> Any:
+    if answer is None:
+        raise SchemaError(f"'{field}' is null; it must be the target answer (a string or a JSON object/array)",
+                          file, line, field)
+    if isinstance(answer, str):
+        if not answer.strip():
+            raise SchemaError(f"'{field}' is empty; it must be the target answer", file, line, field)
+    elif isinstance(answer, (dict, list)):
+        if not answer:
+            raise SchemaError(f"'{field}' is an empty {type(answer).__name__}; it must hold the target answer",
+                              file, line, field)
     else:
-        raise SchemaError(f"'suffix' must be a string, object or array, got {type(suffix).__name__}", file, line, "suffix")
-    return resolve_image_path(image, split_dir, file, line), prefix, suffix
+        raise SchemaError(f"'{field}' must be a string, object or array, got {type(answer).__name__}", file, line, field)
+    return answer
 
 
-def resolve_image_path(image: str, split_dir: Path, file: str, line: int) -> Path:
+def image_list(obj: dict[str, Any], file: str, line: int, required: bool = True) -> tuple[list[Any], str]:
+    """The row's document files from ``image`` (one) or ``images`` (a list, in page order)."""
+    if "image" in obj and "images" in obj:
+        raise SchemaError("both 'image' and 'images' given; use 'images' for a document of several files",
+                          file, line, "images")
+    if "images" in obj:
+        images = obj["images"]
+        if not isinstance(images, list) or not images:
+            raise SchemaError(f"'images' must be a non-empty list of file paths, got {images!r:.80}", file, line,
+                              "images")
+        return images, "images"
+    if "image" in obj:
+        return [obj["image"]], "image"
+    if required:
+        raise SchemaError("missing key 'image' (or 'images', a list of pages)", file, line, "image")
+    return [], "images"
+
+
+def _content_text(content: Any, file: str, line: int, field: str) -> tuple[str, list[Any]]:
+    """A message's text and the image paths given inline (``{"type": "image", "image": path}`` parts)."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise SchemaError(f"'{field}' must be a string or a list of parts, got {type(content).__name__}", file, line,
+                          field)
+    text, inline = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif kind in ("image", "image_url"):
+            text.append(IMAGE_MARKER)
+            path = part.get("image") or (part.get("image_url") or {}).get("url") if kind == "image_url" \
+                else part.get("image")
+            if path is not None:
+                inline.append(path)
+        else:
+            raise SchemaError(f"part {j} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}, got "
+                              f"{part!r:.80}", file, line, f"{field}[{j}]")
+    return "".join(text), inline
+
+
+def parse_conversation(obj: dict[str, Any], layout: str, file: str, line: int) -> Row:
+    """A messages / ShareGPT row: an optional system turn, one user turn with one ``<image>`` marker per
+    document file, one assistant answer."""
+    key, role_key, text_key = ("messages", "role", "content") if layout == MESSAGES else \
+        ("conversations", "from", "value")
+    turns = obj[key]
+    if not isinstance(turns, list) or not turns:
+        raise SchemaError(f"'{key}' must be a non-empty list of turns", file, line, key)
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise SchemaError(f"'system' must be a string, got {type(system).__name__}", file, line, "system")
+    user = answer = None
+    inline: list[Any] = []
+    for i, turn in enumerate(turns):
+        at = f"{key}[{i}]"
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise SchemaError(f"each turn needs '{role_key}' and '{text_key}', got {turn!r:.80}", file, line, at)
+        role = _ROLES.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        if role is None:
+            raise SchemaError(f"unknown role {turn[role_key]!r} (system, user, assistant)", file, line,
+                              f"{at}.{role_key}")
+        text, paths = _content_text(turn[text_key], file, line, f"{at}.{text_key}")
+        if role == "system":
+            if i != 0:
+                raise SchemaError("a system turn must come first", file, line, at)
+            system = text
+        elif role == "user":
+            if user is not None:
+                raise SchemaError("multi-turn conversations are not supported: a document sample is one user turn "
+                                  "(the pages and the instruction) and one assistant answer", file, line, at)
+            user, inline = (text, at), paths
+        else:
+            if user is None:
+                raise SchemaError("the assistant answer comes before any user turn", file, line, at)
+            if answer is not None:
+                raise SchemaError("more than one assistant answer; a document sample has exactly one", file, line, at)
+            if IMAGE_MARKER in text:
+                raise SchemaError(f"'{IMAGE_MARKER}' in the assistant answer; images go in the user turn", file,
+                                  line, f"{at}.{text_key}")
+            answer = (turn[text_key], at)
+    if user is None:
+        raise SchemaError("no user turn", file, line, key)
+    if answer is None:
+        raise SchemaError("no assistant turn: the last turn must be the answer to learn", file, line, key)
+    images, field = image_list(obj, file, line, required=not inline)
+    if inline:
+        if images:
+            raise SchemaError("images given both inline in the user turn and in 'images'", file, line, field)
+        images = inline
+    (prompt, user_at), (text, answer_at) = user, answer
+    markers = prompt.count(IMAGE_MARKER)
+    if markers != len(images):
+        raise SchemaError(f"the user turn has {markers} '{IMAGE_MARKER}' marker(s) but the row has {len(images)} "
+                          f"image(s); there must be one marker per image", file, line, f"{user_at}.{text_key}")
+    prompt = prompt.replace(IMAGE_MARKER, "").strip()
+    if not isinstance(text, str):
+        raise SchemaError("the assistant answer must be text", file, line, f"{answer_at}.{text_key}")
+    check_answer(text, file, line, f"{answer_at}.{text_key}")
+    return Row(layout, images, prompt, text, system)
+
+
+def parse_row(obj: dict[str, Any], file: str, line: int) -> Row:
+    """Check one row's keys and types, whatever its layout. Unknown keys are recorded in ``ignored``."""
+    layout = row_layout(obj, file, line)
+    if layout == ROBOFLOW:
+        for key in ("prefix", "suffix"):
+            if key not in obj:
+                raise SchemaError(f"missing key '{key}' (a row needs image, prefix, suffix)", file, line, key)
+        images, _ = image_list(obj, file, line)
+        if not isinstance(obj["prefix"], str):
+            raise SchemaError(f"'prefix' must be a string, got {type(obj['prefix']).__name__}", file, line, "prefix")
+        row = Row(layout, images, obj["prefix"], check_answer(obj["suffix"], file, line, "suffix"))
+    else:
+        row = parse_conversation(obj, layout, file, line)
+    row.ignored = tuple(sorted(set(obj) - KNOWN_KEYS[layout]))
+    return row
+
+
+def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max_pages: int | None = None) -> tuple:
+    """The row's files as ``FileSource``s, each checked to exist inside the split folder."""
+    from .documents import FileSource
+
+    field = "image" if len(images) == 1 else "images"
+    if max_pages is not None and len(images) > max_pages:
+        raise SchemaError(f"{len(images)} images, over data.max_pages={max_pages}", file, line, field)
+    out = []
+    for k, image in enumerate(images):
+        at = field if len(images) == 1 else f"images[{k}]"
+        if not isinstance(image, str) or not image.strip():
+            raise SchemaError(f"'{at}' must be a non-empty string (a path relative to {split_dir}), got {image!r:.80}",
+                              file, line, at)
+        out.append(FileSource(resolve_image_path(image, split_dir, file, line, at)))
+    return tuple(out)
+
+
+def resolve_image_path(image: str, split_dir: Path, file: str, line: int, field: str = "image") -> Path:
     if os.path.isabs(image) or image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
-        raise ImagePathError(f"image path '{image}' is absolute; it must be relative to the split folder {split_dir}", file, line, "image")
+        raise ImagePathError(f"image path '{image}' is absolute; it must be relative to the split folder {split_dir}", file, line, field)
     if "\x00" in image:
-        raise ImagePathError("image path contains a NUL character", file, line, "image")
+        raise ImagePathError("image path contains a NUL character", file, line, field)
     root = split_dir.resolve()
     try:
         path = (split_dir / image).resolve()
     except (OSError, RuntimeError, ValueError) as e:  # symlink loops, over-long names
-        raise ImagePathError(f"image path '{image}' cannot be resolved: {e}", file, line, "image") from None
+        raise ImagePathError(f"image path '{image}' cannot be resolved: {e}", file, line, field) from None
     if root != path and root not in path.parents:
-        raise ImagePathError(f"image path '{image}' resolves to {path}, outside the split folder {root}", file, line, "image")
+        raise ImagePathError(f"image path '{image}' resolves to {path}, outside the split folder {root}", file, line, field)
     try:
         exists, is_dir = path.exists(), path.is_dir()
     except OSError as e:
-        raise ImagePathError(f"image path '{image}' cannot be checked: {e.strerror}", file, line, "image") from None
+        raise ImagePathError(f"image path '{image}' cannot be checked: {e.strerror}", file, line, field) from None
     if not exists:
-        raise ImagePathError(f"image '{image}' not found (looked for {path})", file, line, "image")
+        raise ImagePathError(f"image '{image}' not found (looked for {path})", file, line, field)
     if is_dir:
-        raise ImagePathError(f"image '{image}' is a directory, not a file", file, line, "image")
+        raise ImagePathError(f"image '{image}' is a directory, not a file", file, line, field)
     return path
 
 
-def find_split(data_dir: str | Path, split: str) -> Path | None:
-    """The folder of a split (``valid`` also accepts ``val``/``validation``), or None."""
-    data_dir = Path(data_dir)
-    for name in SPLIT_ALIASES.get(split, (split,)):
-        if (data_dir / name / ANNOTATIONS).is_file():
-            return data_dir / name
-    return None
+@dataclass
+class SplitRows:
+    """What reading one split found: the usable records, every problem, the rows seen, the row layouts
+    (layout -> rows) and the keys that were ignored (key -> rows)."""
+
+    records: list[Record] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    rows: int = 0
+    layouts: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
+    source: str = ""
+
+    def add(self, row: Row) -> None:
+        self.layouts[row.layout] = self.layouts.get(row.layout, 0) + 1
+        for key in row.ignored:
+            self.ignored[key] = self.ignored.get(key, 0) + 1
+
+    def note_ignored(self, file: str) -> None:
+        """One warning per split for keys that were not used, with how many rows had each."""
+        if self.ignored:
+            keys = ", ".join(f"'{k}' ({n} row{'s' if n > 1 else ''})" for k, n in sorted(self.ignored.items()))
+            self.problems.append(Problem(file, None, None, f"key(s) not used for training, ignored: {keys}",
+                                         "warning", "IgnoredKeys"))
 
 
-def read_split(split_dir: str | Path, split: str | None = None) -> tuple[list[Record], list[Problem], int]:
-    """Read one split's annotations.
+def read_split(split_dir: str | Path, split: str | None = None, max_pages: int | None = None) -> SplitRows:
+    """Read one split's ``annotations.jsonl`` (each row Roboflow-, messages- or ShareGPT-style).
 
-    Returns:
-        (records, problems, n_rows): records that passed the row checks; every
-        problem found (errors for rows that were not turned into records,
-        warnings otherwise); the number of non-blank lines seen.
+    Returns the records that passed the row checks, every problem found (errors for rows that were not turned
+    into records, warnings otherwise) and the number of non-blank lines seen.
 
     Raises:
         SplitError: the annotations file is missing or not UTF-8 text.
@@ -208,9 +403,7 @@ def read_split(split_dir: str | Path, split: str | None = None) -> tuple[list[Re
     if not ann.is_file():
         raise SplitError(f"annotations file not found: {ann}", ann)
     file = str(ann)
-    records: list[Record] = []
-    problems: list[Problem] = []
-    n_rows = 0
+    out = SplitRows(source=file)
     try:
         # utf-8-sig drops a BOM; newline=None turns CRLF into LF.
         with open(ann, encoding="utf-8-sig", newline=None) as fh:
@@ -220,14 +413,17 @@ def read_split(split_dir: str | Path, split: str | None = None) -> tuple[list[Re
     for lineno, text in enumerate(lines, start=1):
         if not text.strip():
             if lineno < len(lines):
-                problems.append(Problem(file, lineno, None, "blank line ignored", "warning", "JSONLError"))
+                out.problems.append(Problem(file, lineno, None, "blank line ignored", "warning", "JSONLError"))
             continue
-        n_rows += 1
+        out.rows += 1
         try:
-            obj = parse_line(text, file, lineno)
-            path, prefix, suffix = validate_row(obj, file, lineno, split_dir)
+            row = parse_row(parse_line(text, file, lineno), file, lineno)
+            sources = resolve_images(row.images, split_dir, file, lineno, max_pages)
         except DataError as e:
-            problems.append(Problem.from_error(e))
+            out.problems.append(Problem.from_error(e))
             continue
-        records.append(Record(f"{split}:{lineno}", split, path, prefix, suffix, file, lineno))
-    return records, problems, n_rows
+        out.add(row)
+        out.records.append(Record(f"{split}:{lineno}", split, sources, row.prompt, row.answer, file, lineno,
+                                  row.system))
+    out.note_ignored(file)
+    return out

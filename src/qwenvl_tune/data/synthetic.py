@@ -3,6 +3,10 @@
 Values, layouts, fonts sizes, margins, table styles, rotation and noise vary per
 document, so a model has to read the page rather than memorise a template.
 Writes the guide's layout: ``DIR/{train,valid,test}/annotations.jsonl`` plus images.
+
+With ``multipage`` a share of the documents run over two pages: the product table starts on page 1 and
+continues on page 2, and the totals are only on the last page, so the answer needs both pages. With
+``pdf`` a share of the documents (one- or two-page) are written as PDFs instead of images.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ _CITIES = [("West Georgeview", "OK"), ("Ricetown", "SD"), ("Port Lisa", "TX"), (
            ("Springdale", "AR"), ("Oakridge", "TN"), ("Fairview", "OR")]
 
 
-def make_manifest(rng: random.Random) -> dict[str, Any]:
+def make_manifest(rng: random.Random, products_range: tuple[int, int] = (1, 5)) -> dict[str, Any]:
     """One random manifest, key order as in the guide."""
     products = []
-    for _ in range(rng.randint(1, 5)):
+    for _ in range(rng.randint(*products_range)):
         products.append({
             "description": f"{rng.randint(100000, 999999)} - {rng.choice(_PRODUCTS)}",
             "cases": str(rng.choice([1, 2, 4, 8, 16, 32, 64])),
@@ -127,11 +131,72 @@ def render_manifest(doc: dict[str, Any], rng: random.Random, width: int = 850, h
     return im if out_size == im.size else im.resize(out_size, Image.LANCZOS)
 
 
+def render_two_pages(doc: dict[str, Any], rng: random.Random, width: int = 850, height: int = 1100
+                     ) -> list[Image.Image]:
+    """A manifest over two pages: header and the first products on page 1 ("continued"), the remaining
+    products, the totals and the print line on page 2."""
+    bg = rng.choice([(255, 255, 255), (250, 248, 240), (244, 246, 250)])
+    ink = rng.choice([(0, 0, 0), (20, 20, 60), (40, 40, 40)])
+    margin, base = rng.randint(30, 70), rng.randint(15, 19)
+    big, small = _font(base + 8), _font(base)
+    W, H = 850, 1100
+    cols = [margin, margin + int((W - 2 * margin) * 0.55), margin + int((W - 2 * margin) * 0.7),
+            margin + int((W - 2 * margin) * 0.85)]
+    row_h = base + 14
+    products = doc["products"]
+    split = max(1, len(products) // 2)
+    pages = []
+    for k, chunk in enumerate((products[:split], products[split:])):
+        im = Image.new("RGB", (W, H), bg)
+        d = ImageDraw.Draw(im)
+        y = margin
+        if k == 0:
+            d.text((margin, y), "PALLET LOAD MANIFEST", font=big, fill=ink)
+            y += base + 24
+            for key, v in (("Route", doc["route"]), ("Pallet", doc["pallet_number"]),
+                           ("Delivery Date", doc["delivery_date"]), ("Load", doc["load"]), ("Dock", doc["dock"]),
+                           ("Shipment ID", doc["shipment_id"]), ("ASN", doc["asn_number"]),
+                           ("Salesman", doc["salesman"])):
+                d.text((margin, y), f"{key}: {v}", font=small, fill=ink)
+                y += base + 10
+            d.text((margin, y), f"Destination: {doc['destination']}", font=small, fill=ink)
+            y += base + 22
+        else:
+            d.text((margin, y), f"PALLET LOAD MANIFEST (continued) - Route {doc['route']}", font=small, fill=ink)
+            y += base + 30
+        d.line((margin, y - 4, W - margin, y - 4), fill=ink, width=2)
+        for x, name in zip(cols, ["Description", "Cases", "Units", "Layers"]):
+            d.text((x + 4, y), name, font=small, fill=ink)
+        y += row_h
+        for prod in chunk:
+            for x, val in zip(cols, [prod["description"], prod["cases"], prod["sales_units"], prod["layers"]]):
+                d.text((x + 4, y), val, font=small, fill=ink)
+            y += row_h
+        d.line((margin, y - 4, W - margin, y - 4), fill=ink, width=2)
+        if k == 0:
+            d.text((margin, y + 6), "continued on page 2", font=small, fill=ink)
+        else:
+            for x, val in zip(cols, ["TOTAL", doc["total_cases"], doc["total_units"], doc["total_layers"]]):
+                d.text((x + 4, y), val, font=small, fill=ink)
+            d.text((margin, H - margin - base), f"Printed {doc['printed_date']}", font=small, fill=ink)
+        d.text((W - margin - 140, H - margin - base), f"Page {k + 1} of 2", font=small, fill=ink)
+        im = im.rotate(rng.uniform(-1.0, 1.0), resample=Image.BICUBIC, fillcolor=bg)
+        pages.append(im if (width, height) == im.size else im.resize((width, height), Image.LANCZOS))
+    return pages
+
+
 def write_dataset(out: str | Path, n_train: int = 16, n_valid: int = 4, n_test: int = 0, seed: int = 0,
-                  size: tuple[int, int] = (850, 1100)) -> Path:
-    """Write a sample dataset in the guide's layout and return its folder."""
+                  size: tuple[int, int] = (850, 1100), multipage: float = 0.0, pdf: float = 0.0) -> Path:
+    """Write a sample dataset in the guide's layout and return its folder.
+
+    ``multipage``: the share of documents over two pages (``"images": [p1, p2]`` rows, or a two-page PDF);
+    ``pdf``: the share written as PDFs. With both 0 the output is the single-page image dataset of before.
+    """
+    from .documents import pdf_bytes_from_images
+
     out = Path(out)
     rng = random.Random(seed)
+    layout = random.Random(seed + 10_007)  # which documents are two-page or PDF: apart from the content's draws
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         if n <= 0:
             continue
@@ -139,10 +204,24 @@ def write_dataset(out: str | Path, n_train: int = 16, n_valid: int = 4, n_test: 
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "annotations.jsonl", "w", encoding="utf-8") as fh:
             for i in range(n):
-                doc = make_manifest(rng)
-                name = f"manifest_{i:04d}.jpg"
-                render_manifest(doc, rng, *size).save(folder / name, quality=90)
-                row = {"image": name, "prefix": PROMPT, "suffix": doc}
+                two, as_pdf = layout.random() < multipage, layout.random() < pdf
+                doc = make_manifest(rng, (3, 7) if two else (1, 5))
+                if two:
+                    del doc["page_number"]  # the pages say "Page 1 of 2", "Page 2 of 2": no single number
+                pages = render_two_pages(doc, rng, *size) if two else [render_manifest(doc, rng, *size)]
+                if as_pdf:
+                    name = f"manifest_{i:04d}.pdf"
+                    (folder / name).write_bytes(pdf_bytes_from_images(pages))
+                    row = {"image": name, "prefix": PROMPT, "suffix": doc}
+                elif two:
+                    names = [f"manifest_{i:04d}_p{k + 1}.jpg" for k in range(len(pages))]
+                    for name, page in zip(names, pages):
+                        page.save(folder / name, quality=90)
+                    row = {"images": names, "prefix": PROMPT, "suffix": doc}
+                else:
+                    name = f"manifest_{i:04d}.jpg"
+                    pages[0].save(folder / name, quality=90)
+                    row = {"image": name, "prefix": PROMPT, "suffix": doc}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError
+from ..data.records import DataError, parse_row
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -32,19 +32,24 @@ def _prediction(line: str) -> tuple[str | None, str]:
     return None, line
 
 
-def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, str]:
+def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, list[str]]:
+    """(id, gold answer, document files) of a gold line: ``{"id", "gold"}`` or an annotation row of any layout."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg}", path, n) from None
     if not isinstance(value, dict):
-        raise DataError("each gold line must be an object with 'suffix' (or 'gold')", path, n)
-    for key in ("suffix", "gold"):
-        if key in value:
-            image = value.get("image")
-            return (str(value["id"]) if "id" in value else None), value[key], \
-                str(path.parent / image) if isinstance(image, str) else ""
-    raise DataError("no 'suffix' or 'gold' answer", path, n, "suffix")
+        raise DataError("each gold line must be an object with 'suffix' (or 'gold', or messages)", path, n)
+    gid = str(value["id"]) if "id" in value else None
+    if "gold" in value:
+        return gid, value["gold"], []
+    if not {"suffix", "messages", "conversations"} & set(value):
+        raise DataError("no 'suffix' or 'gold' answer (nor a messages row)", path, n, "suffix")
+    if "suffix" in value:  # an annotation row, or just {"id", "suffix"}
+        files = value.get("images") or [value.get("image")]
+        return gid, value["suffix"], [str(path.parent / i) for i in files if isinstance(i, str)]
+    row = parse_row(value, str(path), n)
+    return gid, row.answer, [str(path.parent / i) for i in row.images if isinstance(i, str)]
 
 
 def read_pairs(pred_path: Path, gold_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -63,7 +68,7 @@ def read_pairs(pred_path: Path, gold_path: Path) -> tuple[list[dict[str, Any]], 
         if extra:
             notes.append(f"{len(extra)} prediction id(s) have no gold answer and are not scored: {sorted(extra)[:10]}")
         for n, gid, gold, image in golds:
-            rows.append({"id": gid, "image": image, "gold": gold,
+            rows.append({"id": gid, "images": image, "gold": gold,
                          "finetuned": {"raw": outputs.get(gid, ""), "truncated": False}})
     else:
         if len(preds) != len(golds):
@@ -71,6 +76,6 @@ def read_pairs(pred_path: Path, gold_path: Path) -> tuple[list[dict[str, Any]], 
                             f"'id' on every line to join them, or the same number of lines", pred_path)
         notes.append("joined by line (not every line has an 'id')")
         for (pn, _, raw), (gn, gid, gold, image) in zip(preds, golds):
-            rows.append({"id": gid or f"{gold_path.name}:{gn}", "image": image, "gold": gold,
+            rows.append({"id": gid or f"{gold_path.name}:{gn}", "images": image, "gold": gold,
                          "finetuned": {"raw": raw, "truncated": False}})
     return rows, notes

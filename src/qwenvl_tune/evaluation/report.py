@@ -2,7 +2,8 @@
 
 The report is one self-contained HTML file (images and chart embedded, no external assets):
 a summary table (fine-tuned vs base), a per-field accuracy chart, and every sample worst first
-with its thumbnail beside gold and predicted values, differences highlighted.
+with a thumbnail of each of its pages (click: full size) beside gold and predicted values, differences
+highlighted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ MODELS = ("finetuned", "constrained", "unconstrained", "base")
 
 
 def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
-    """Score stored predictions. Each row: {"id", "image", "gold", "<model>": {"raw", "truncated"}}.
+    """Score stored predictions. Each row: {"id", "images", "gold", "<model>": {"raw", "truncated"}}.
 
     Returns:
         (per-model sample scores in row order, per-model aggregate metrics)
@@ -41,7 +42,7 @@ def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple
 def prediction_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[SampleScore]]) -> list[dict[str, Any]]:
     out = []
     for i, row in enumerate(rows):
-        r = {"id": row["id"], "image": row["image"], "gold": row["gold"]}
+        r = {"id": row["id"], "images": row_images(row), "gold": row["gold"]}
         for m, sc in scores.items():
             ok, parsed = parse_json(row[m]["raw"])
             r[m] = {"raw": row[m]["raw"], "truncated": bool(row[m].get("truncated")), "parsed": parsed if ok else None,
@@ -89,17 +90,34 @@ def field_chart_png(metrics: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _thumbnail(path: str, max_side: int = 360) -> str:
-    try:
-        from ..data.images import load_image
+def row_images(row: dict[str, Any]) -> list[str]:
+    """A row's document files (``images``; predictions written before multi-page documents have ``image``)."""
+    if "images" in row:
+        return list(row["images"])
+    return [row["image"]] if row.get("image") else []
 
-        im = load_image(path)
-        im.thumbnail((max_side, max_side))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except Exception:  # noqa: BLE001 - a missing image must not stop the report
-        return ""
+
+def _thumbnails(sources: Sequence[Any], max_side: int = 360) -> list[tuple[str, str]]:
+    """(thumbnail data URL, full-size link or "") for each page of a document; [] if it cannot be read."""
+    from ..data.documents import FileSource, PageLimits, load_document
+
+    out = []
+    for src in sources:
+        if isinstance(src, str):
+            src = FileSource(Path(src))
+        try:
+            pages = load_document(src, PageLimits(render_pixels=max_side * max_side * 2, max_pages=10**6))
+        except Exception:  # noqa: BLE001 - a missing image must not stop the report
+            out.append(("", ""))
+            continue
+        link = Path(src.path).resolve().as_uri() if isinstance(src, FileSource) else ""
+        for k, im in enumerate(pages):
+            im.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+            page_link = f"{link}#page={k + 1}" if link and len(pages) > 1 else link
+            out.append(("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), page_link))
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -145,7 +163,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px} .muted{co
 table{border-collapse:collapse} td,th{padding:4px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
 table.summary td.num{text-align:right;font-variant-numeric:tabular-nums} .better{color:#15803d;font-weight:600}
 .sample{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px;margin:12px 0;display:flex;gap:16px}
-.sample img{max-width:360px;border:1px solid #ddd} .sample .meta{font-size:12px;color:#444;margin-bottom:6px}
+.sample img{max-width:360px;border:1px solid #ddd;display:block;margin-bottom:6px;cursor:zoom-in} .sample .meta{font-size:12px;color:#444;margin-bottom:6px}
 table.diff{font:12px/1.35 ui-monospace,SFMono-Regular,Menlo,monospace}
 tr.ok td{color:#166534} tr.wrong td{background:#fef2f2;color:#991b1b} tr.missing td{background:#fff7ed;color:#9a3412}
 tr.extra td{background:#eff6ff;color:#1e40af} .bad{color:#b91c1c;font-weight:600} pre{white-space:pre-wrap;max-width:720px}
@@ -154,7 +172,8 @@ tr.extra td{background:#eff6ff;color:#1e40af} .bad{color:#b91c1c;font-weight:600
 
 
 def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
-               options: dict[str, Any], decoding: dict[str, str] | None = None) -> None:
+               options: dict[str, Any], decoding: dict[str, str] | None = None,
+               sources: dict[str, Sequence[Any]] | None = None) -> None:
     models = [m for m in MODELS if m in metrics]
     decoding = decoding or {}
     head = "".join(f'<th>{m}<br><span class="muted">{html.escape(decoding.get(m, ""))}</span></th>' for m in models)
@@ -170,13 +189,21 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
-        thumbs = dict(zip(order, pool.map(lambda i: _thumbnail(rows[i]["image"]), order)))
+        thumbs = dict(zip(order, pool.map(lambda i: _thumbnails((sources or {}).get(rows[i]["id"]) or
+                                                                 rows[i]["images"]), order)))
     samples = []
     for rank, i in enumerate(order, 1):
         r = rows[i]
         ft = r["finetuned"]["scores"]
-        thumb = thumbs[i]
-        img = f'<img alt="{html.escape(r["id"])}" src="{thumb}">' if thumb else '<p class="bad">image unavailable</p>'
+        pages = thumbs[i]
+        img = "".join(
+            (f'<a class="page" href="{html.escape(link or thumb)}" target="_blank" title="page {k} (full size)">'
+             f'<img alt="{html.escape(r["id"])} page {k}" src="{thumb}"></a>' if thumb else
+             f'<p class="bad">page {k} unavailable</p>') for k, (thumb, link) in enumerate(pages, 1)) or \
+            '<p class="bad">image unavailable</p>'
+        if len(pages) > 1:
+            img = f'<div class="pages"><span class="muted">{len(pages)} pages</span>{img}</div>'
+        names = ", ".join(Path(n).name if "/" in n and "[" not in n else n for n in r["images"])
         base = ""
         if "base" in r:
             b = r["base"]["scores"]
@@ -186,7 +213,7 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
                 (" · <b>invalid JSON</b>" if not ft["json_valid"] else "")
         samples.append(
             f'<div class="sample" data-id="{html.escape(r["id"])}"><div>{img}</div><div>'
-            f'<div class="meta">#{rank} · {html.escape(r["id"])} · field F1 {ft["f1"]:.2f} · edit distance '
+            f'<div class="meta">#{rank} · {html.escape(names or r["id"])} · {html.escape(r["id"])} · field F1 {ft["f1"]:.2f} · edit distance '
             f'{ft["edit_distance"]:.3f} · tree accuracy {ft["ted_accuracy"]:.2f}{flags}</div>'
             f'{_diff_table(r["gold"], r["finetuned"]["raw"], options)}'
             f'<details><summary>raw output</summary><pre>{html.escape(r["finetuned"]["raw"])}</pre></details>{base}'
@@ -204,8 +231,12 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
 
 
 def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], options: dict[str, Any],
-                  extra: dict[str, Any] | None = None, html_report: bool = True) -> dict[str, Any]:
-    """Score ``rows`` and write every evaluation output into ``out_dir``; returns the metrics dict."""
+                  extra: dict[str, Any] | None = None, html_report: bool = True,
+                  sources: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Score ``rows`` and write every evaluation output into ``out_dir``; returns the metrics dict.
+
+    ``sources`` (row id -> the document's ``Source``s) lets the report show pages held in a dataset table;
+    without it the report reads each row's ``images`` as file paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, metrics = score_rows(rows, options)
     scored = prediction_rows(rows, scores)
@@ -218,7 +249,8 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
     if html_report and rows:
         png = field_chart_png(metrics)
         (out_dir / "field_accuracy.png").write_bytes(png)
-        write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"))
+        write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"),
+                   sources)
     return result
 
 

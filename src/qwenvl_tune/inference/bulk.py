@@ -1,12 +1,14 @@
-"""Bulk extraction: a folder or list of images -> one JSON line per input, resumable, data-parallel.
+"""Bulk extraction: a folder or list of documents -> one JSON line per document, resumable, data-parallel.
 
     qwenvl-tune predict --run runs/NAME --input scans/ --output out.jsonl [--devices 2]
 
-- Inputs: every image file in a folder (sorted), or a ``.jsonl`` list whose lines are
-  ``{"image": path, "prompt": optional}`` or a bare path string (relative to the list's folder).
+- Inputs: every image file and PDF in a folder (sorted; a PDF is one document of all its pages), or a
+  ``.jsonl`` list whose lines are ``{"image": path, "prompt": optional}``, ``{"images": [page paths],
+  "id": optional}`` or a bare path string (paths relative to the list's folder).
 - Output lines are appended as batches finish (under a file lock, so several processes share one
-  file), each ``{"input", "json", "valid", "output", "truncated"}`` or ``{"input", "error"}`` for an
-  input that could not be read. Nothing stops on a bad file.
+  file), each ``{"input", "pages", "json", "valid", "output", "truncated"}`` (plus ``images`` for a
+  document of several files) or ``{"input", "error"}`` for an input that could not be read. Nothing
+  stops on a bad file. ``input`` is the file, the line's ``id``, or the page files joined by ``+``.
 - Resumable: inputs already in the output are skipped; a line cut off by a crash is discarded
   first. So an input is written exactly once, also across kills and restarts.
 - One command per output: an exclusive lock (``OUTPUT.lock``, holding the pid) makes a second command on
@@ -29,28 +31,42 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import QwenVLTuneError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+DOCUMENT_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".pdf"}
 
 
-def list_inputs(source: str | Path) -> list[dict[str, str | None]]:
-    """Inputs as [{"input": path, "prompt": str|None}] from a folder or a .jsonl list."""
+def list_inputs(source: str | Path) -> list[dict[str, Any]]:
+    """Inputs as [{"input": name, "files": [paths], "prompt": str|None}] from a folder or a .jsonl list."""
+    from ..data.records import DataError
+
     source = Path(source)
     if source.is_dir():
-        return [{"input": str(p), "prompt": None} for p in sorted(source.rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        return [{"input": str(p), "files": [str(p)], "prompt": None} for p in sorted(source.rglob("*"))
+                if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES]
     if source.suffix == ".jsonl":
-        out = []
+        out, names = [], set()
         for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
-            path, prompt = (item, None) if isinstance(item, str) else (item.get("image"), item.get("prompt"))
-            if not isinstance(path, str):
-                raise ValueError(f"{source}:{n}: each line needs an 'image' path")
-            p = Path(path)
-            out.append({"input": str(p if p.is_absolute() else source.parent / p), "prompt": prompt})
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON at column {e.colno}: {e.msg}", source, n) from None
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict):
+                raise DataError("each line must be a path or an object with 'image' or 'images'", source, n)
+            files = item.get("images", [item.get("image")] if "image" in item else None)
+            if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+                raise DataError("each line needs an 'image' path or an 'images' list of page paths", source, n,
+                                "images" if "images" in item else "image")
+            paths = [str(Path(f) if Path(f).is_absolute() else source.parent / f) for f in files]
+            name = str(item.get("id") or "+".join(paths))
+            if name in names:
+                raise DataError(f"input '{name}' is listed twice (give each line its own 'id')", source, n, "id")
+            names.add(name)
+            out.append({"input": name, "files": paths, "prompt": item.get("prompt")})
         return out
-    raise ValueError(f"--input must be a folder of images or a .jsonl list, got {source}")
+    raise ValueError(f"--input must be a folder of images and PDFs or a .jsonl list, got {source}")
 
 
 def completed_inputs(output: Path) -> set[str]:
@@ -150,7 +166,7 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
         ok_items, images, errors = [], [], []
         for it in chunk:
             try:
-                images.append(predictor.load_image(it["input"]))
+                images.append(predictor.load_pages(it["files"]))
                 ok_items.append(it)
             except Exception as e:  # noqa: BLE001 - recorded per input; the others go on
                 errors.append({"input": it["input"], "error": str(e)})
@@ -165,7 +181,8 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
         ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
         if images:
             results = predictor.predict(images, [it["prompt"] for it in ok_items], batch_size=len(images))
-            rows += [{"input": it["input"], **res} for it, res in zip(ok_items, results)]
+            rows += [{"input": it["input"], **({"images": it["files"]} if len(it["files"]) > 1 else {}), **res}
+                     for it, res in zip(ok_items, results)]
         _append(Path(output), rows)
         if counter is not None:
             with counter.get_lock():

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.images import load_image_bytes
+from ..data.documents import BytesSource, PageLimits, load_document
 from ..data.records import DataError
 from ..modeling.generate import Sampling
 
@@ -141,8 +141,9 @@ def _text(content: str | list[ContentPart] | None) -> str:
     return "\n".join(p.text for p in content or [] if p.type == "text" and p.text)
 
 
-def decode_data_url(url: str, max_bytes: int, max_pixels: int) -> Any:
-    """The image of a ``data:`` URL, or an ``OpenAIError`` saying precisely what is wrong."""
+def decode_data_url(url: str, max_bytes: int, limits: PageLimits) -> list[Any]:
+    """The pages of a ``data:`` URL (an image, or a PDF's pages), or an ``OpenAIError`` saying precisely what is
+    wrong."""
     if url.startswith(("http://", "https://")):
         raise OpenAIError(400, "remote image URLs are not fetched by this server; send the image inline as a "
                                "data: URL (data:image/png;base64,...)", "messages", "remote_url_not_supported")
@@ -151,10 +152,7 @@ def decode_data_url(url: str, max_bytes: int, max_pixels: int) -> Any:
                           "invalid_image_url")
     header, payload = url[5:].split(",", 1)
     mime = header.split(";")[0].lower()
-    if mime == "application/pdf":
-        raise OpenAIError(400, "PDF input is not supported yet; send each page as an image", "messages",
-                          "unsupported_media_type")
-    if not mime.startswith("image/"):
+    if not mime.startswith("image/") and mime != "application/pdf":
         raise OpenAIError(400, f"the data: URL holds {mime or 'no media type'}, not an image", "messages",
                           "invalid_image_url")
     if ";base64" not in header.lower():
@@ -169,15 +167,17 @@ def decode_data_url(url: str, max_bytes: int, max_pixels: int) -> Any:
         raise OpenAIError(400, "the image's base64 data is invalid or truncated", "messages", "invalid_base64") \
             from None
     try:
-        return load_image_bytes(data, "image", max_pixels=max_pixels)
+        return load_document(BytesSource(data, "pdf" if mime == "application/pdf" else "image"), limits)
     except DataError as e:
-        status = 413 if "exceeds the limit" in e.reason else 400
+        status = 413 if "exceeds the limit" in e.reason or "max_pages" in e.reason else 400
         raise OpenAIError(status, e.reason.removeprefix("image: "), "messages",
                           "too_large" if status == 413 else "invalid_image") from None
 
 
-def parse_request(req: ChatCompletionRequest, max_bytes: int, max_pixels: int) -> tuple[Any, str | None, str | None]:
-    """(image, instruction or None, system message or None) of a chat request."""
+def parse_request(req: ChatCompletionRequest, max_bytes: int, limits: PageLimits
+                  ) -> tuple[list[Any], str | None, str | None]:
+    """(pages, instruction or None, system message or None) of a chat request. Each ``image_url`` part is a page
+    (a PDF gives all of its pages), in the order they come; at most ``data.max_pages`` in all."""
     if req.n != 1:
         raise OpenAIError(400, "n must be 1: one answer per request", "n", "unsupported_value")
     images = [p.image_url for m in req.messages if isinstance(m.content, list) for p in m.content
@@ -187,16 +187,18 @@ def parse_request(req: ChatCompletionRequest, max_bytes: int, max_pixels: int) -
     if not images:
         raise OpenAIError(400, "no image: send the document as an image_url content part", "messages",
                           "missing_image")
-    if len(images) > 1:
-        raise OpenAIError(400, f"{len(images)} images in one request; this model reads one document image per "
-                               f"request", "messages", "too_many_images")
     unknown = {p.type for m in req.messages if isinstance(m.content, list) for p in m.content} - {"text", "image_url"}
     if unknown:
         raise OpenAIError(400, f"unsupported content part type(s): {sorted(unknown)}", "messages", "invalid_content")
-    image = decode_data_url(images[0].url, max_bytes, max_pixels)
+    pages: list[Any] = []
+    for image in images:
+        pages += decode_data_url(image.url, max_bytes, limits)
+        if len(pages) > limits.max_pages:
+            raise OpenAIError(413, f"the request holds {len(pages)}+ pages, over this model's data.max_pages="
+                                   f"{limits.max_pages}", "messages", "too_many_pages")
     user = "\n".join(t for m in req.messages if m.role == "user" and (t := _text(m.content)))
     system = "\n".join(t for m in req.messages if m.role in ("system", "developer") and (t := _text(m.content)))
-    return image, user or None, system or None
+    return pages, user or None, system or None
 
 
 def sampling_of(req: ChatCompletionRequest) -> Sampling:

@@ -1,6 +1,7 @@
 """``qwenvl-tune serve``: an HTTP service and a web page around a run's model.
 
-- ``POST /v1/extract`` (multipart: ``image`` file, optional ``prompt``) -> the JSON, with timings.
+- ``POST /v1/extract`` (multipart: one or more ``image`` files — images or PDFs, the pages of one document in
+  order — and an optional ``prompt``) -> the JSON, with the page count and timings.
   Concurrent requests are queued and generated together, up to ``max_batch`` at a time.
 - ``GET /health``; ``GET /`` serves a page to drop or pick a document image and read the result.
 - Limits on upload size and image pixels, an optional API key (``X-API-Key``), and clear 4xx
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import threading
@@ -23,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..data.images import load_image_bytes
+from ..data.documents import BytesSource, load_pages
 from ..data.records import DataError
 from ..modeling.generate import Generation, Sampling
 from .session import extraction_result
@@ -188,6 +190,7 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
     the limit its training data was read under."""
     if max_image_pixels is None:
         max_image_pixels = extractor.predictor.max_image_pixels
+    limits = dataclasses.replace(extractor.predictor.limits, max_image_pixels=max_image_pixels)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         extractor.start()
@@ -214,6 +217,7 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
         return {"status": "ok", "run": extractor.run_dir.name, "base_model": extractor.config.model.name_or_path,
                 "method": extractor.config.model.method, "constrained": extractor.predictor.constrained,
                 "decoding": extractor.predictor.decoding, "max_image_pixels": max_image_pixels,
+                "max_pages": limits.max_pages,
                 "queued": extractor.queue.qsize() if extractor.queue else 0, "batches": len(extractor.batches),
                 "largest_batch": max(extractor.batches, default=0), "max_queue": extractor.max_queue,
                 "api_key_required": api_key is not None}
@@ -252,33 +256,35 @@ def create_app(extractor: Extractor, *, api_key: str | None = None, max_upload_m
             msg = str(e)
             status = 413 if "size" in msg.lower() or "too large" in msg.lower() else 400
             return _error(status, f"could not read the upload: {msg}", "too_large" if status == 413 else "bad_request")
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
+        uploads = [u for u in form.getlist("image") if not isinstance(u, str)]
+        if not uploads:
             return _error(422, "no file in the 'image' field", "missing_image")
-        data = await upload.read()
-        if len(data) > max_bytes:
-            return _error(413, f"image of {len(data) / 2**20:.1f} MiB exceeds the {max_upload_mb:g} MiB limit", "too_large")
+        files = [BytesSource(await u.read(), u.filename or "upload") for u in uploads]
+        size = sum(len(f.data) for f in files)
+        if size > max_bytes:
+            return _error(413, f"upload of {size / 2**20:.1f} MiB exceeds the {max_upload_mb:g} MiB limit", "too_large")
         prompt = form.get("prompt") or extractor.config.data.prompt
         if not isinstance(prompt, str) or len(prompt) > 4000:
             return _error(422, "'prompt' must be text of at most 4000 characters", "bad_prompt")
-        try:
-            image = load_image_bytes(data, upload.filename or "upload", max_pixels=max_image_pixels)
+        try:  # PDF pages are rendered off the event loop
+            pages = await asyncio.get_running_loop().run_in_executor(None, load_pages, files, limits)
         except DataError as e:
-            status = 413 if "exceeds the limit" in e.reason else 400
+            status = 413 if "exceeds the limit" in e.reason or "max_pages" in e.reason else 400
             return _error(status, e.reason, "too_large" if status == 413 else "bad_image")
         try:
-            result = await extractor.extract(image, prompt)
+            result = await extractor.extract(pages, prompt)
         except QueueFull:
             return _error(429, f"the queue is full ({extractor.max_queue} requests waiting); retry later", "queue_full")
         except Exception as e:  # noqa: BLE001
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "internal")
-        return {"image": upload.filename, **result}
+        names = [f.filename for f in files]
+        return {"image": names[0] if len(names) == 1 else names, "pages": len(pages), **result}
 
-    _openai_routes(app, extractor, _authorised, max_bytes, max_image_pixels, reading)
+    _openai_routes(app, extractor, _authorised, max_bytes, limits, reading)
     return app
 
 
-def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_bytes: int, max_pixels: int,
+def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_bytes: int, limits: Any,
                    reading: asyncio.Semaphore) -> None:
     """``/v1/chat/completions`` and ``/v1/models``: same queue, limits and key as ``/v1/extract``."""
     from fastapi.exceptions import RequestValidationError
@@ -326,7 +332,8 @@ def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_byte
             return _error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'not valid JSON')}",
                           "invalid_request", where)
         try:
-            image, prompt, system = oa.parse_request(req, max_bytes, max_pixels)
+            loop = asyncio.get_running_loop()  # images decoded and PDF pages rendered off the event loop
+            image, prompt, system = await loop.run_in_executor(None, oa.parse_request, req, max_bytes, limits)
             job = _Job(image, prompt, asyncio.get_running_loop().create_future(), system,
                        _constraint(extractor, req), oa.sampling_of(req), req.max_completion_tokens or req.max_tokens)
             # encoded once, off the event loop: for the budget check here and for generation in the queue

@@ -1,7 +1,8 @@
 """One inference session: a run's model loaded once, ready to extract.
 
     predictor = Predictor.from_run("runs/NAME")                  # best/, decoding under the learnt schema
-    rows = predictor.predict([image], ["extract data in JSON format"])
+    rows = predictor.predict([image], ["extract data in JSON format"])   # a document: an image or a list of pages
+    rows = predictor.predict([predictor.load_pages("invoice.pdf")])
 
 ``Predictor`` owns the model, the processor, the conversation encoder, the stop ids, the compiled
 JSON constraint and the generation settings. ``api.predict``, ``api.evaluate``, bulk extraction and
@@ -18,8 +19,8 @@ import torch
 from PIL import Image
 
 from ..config import Config, ModelConfig
-from ..data.collate import Encoder, GenerateCollator, RecordDataset, collate
-from ..data.images import load_image
+from ..data.collate import Encoder, GenerateCollator, Pages, RecordDataset, collate
+from ..data.documents import FileSource, PageLimits, load_pages
 from ..data.records import Record
 from ..evaluation.metrics import parse_json
 from ..modeling.generate import Generation, Sampling, generate, generate_batch, stop_token_ids
@@ -83,7 +84,8 @@ class Predictor:
         self.constraint = constraint_for(model, processor, schema) if constrained and schema is not None else None
         self.max_new_tokens = config.generate.max_new_tokens
         self.batch_size = config.generate.batch_size
-        self.max_image_pixels = config.data.max_image_pixels
+        self.limits = PageLimits.from_config(config.data)
+        self.max_image_pixels = self.limits.max_image_pixels
         self.default_prompt = config.data.prompt
 
     @classmethod
@@ -132,7 +134,7 @@ class Predictor:
         """Answers for dataset records (their images and prompts), in order; ``progress`` shows a bar with ETA."""
         from tqdm.auto import tqdm
 
-        ds = RecordDataset(list(records), self.encoder, "generate", self.max_image_pixels)
+        ds = RecordDataset(list(records), self.encoder, "generate", self.limits)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
                                              collate_fn=GenerateCollator(self.encoder.pad_id), num_workers=0)
         texts: list[str] = []
@@ -145,9 +147,10 @@ class Predictor:
                 bar.update(len(t))
         return texts, cut
 
-    def generate_images(self, images: Sequence[Image.Image], prompts: Sequence[str | None] | None = None,
+    def generate_images(self, images: Sequence[Pages], prompts: Sequence[str | None] | None = None,
                         batch_size: int | None = None) -> tuple[list[str], list[bool]]:
-        """Answers for loaded images, ``batch_size`` (default: the run's) at a time."""
+        """Answers for loaded documents (each an image or a list of pages), ``batch_size`` (default: the run's)
+        at a time."""
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         size = batch_size or self.batch_size
         texts: list[str] = []
@@ -160,10 +163,10 @@ class Predictor:
             cut += c
         return texts, cut
 
-    def encode(self, image: Image.Image, prompt: str | None = None, system: str | None = None) -> dict[str, Any]:
-        """The model inputs of one request (with a system message of its own, if given)."""
-        encoder = self.encoder if system is None else Encoder(self.processor, system)
-        return encoder.encode_prompt(image, prompt or self.default_prompt)
+    def encode(self, pages: Pages, prompt: str | None = None, system: str | None = None) -> dict[str, Any]:
+        """The model inputs of one request: a document (an image or its pages), with a system message of its own
+        if given."""
+        return self.encoder.encode_prompt(pages, prompt or self.default_prompt, system=system)
 
     def complete(self, items: Sequence[dict[str, Any]], *, constraint: Any = "run", max_new_tokens: int | None = None,
                  sampling: Sampling | None = None, streamer: Any = None) -> list[Generation]:
@@ -181,15 +184,19 @@ class Predictor:
         """A caller's JSON Schema compiled for this model (raises on a schema the grammar compiler rejects)."""
         return constraint_for(self.model, self.processor, schema)
 
-    def predict(self, images: Sequence[Image.Image], prompts: Sequence[str | None] | None = None,
+    def predict(self, images: Sequence[Pages], prompts: Sequence[str | None] | None = None,
                 batch_size: int | None = None) -> list[dict[str, Any]]:
-        """One result dict per image: ``json``, ``valid``, ``output``, ``truncated``."""
+        """One result dict per document (an image or a list of pages): ``json``, ``valid``, ``output``,
+        ``truncated``, ``pages``."""
         texts, cut = self.generate_images(images, prompts, batch_size)
-        return [extraction_result(t, c) for t, c in zip(texts, cut)]
+        pages = [1 if isinstance(d, Image.Image) else len(d) for d in images]
+        return [{**extraction_result(t, c), "pages": n} for t, c, n in zip(texts, cut, pages)]
 
-    def load_image(self, path: str | Path) -> Image.Image:
-        """An input file read under the run's pixel limit (``data.max_image_pixels``)."""
-        return load_image(path, max_pixels=self.max_image_pixels)
+    def load_pages(self, paths: str | Path | Sequence[str | Path]) -> list[Image.Image]:
+        """A document's pages from its files (images, PDFs), under the run's limits (``data.max_image_pixels``,
+        ``data.max_pages``; PDF pages rendered at ``data.max_pixels``)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        return load_pages([FileSource(Path(p)) for p in paths], self.limits)
 
     def close(self) -> None:
         """Drop the model and hand cached GPU memory back (before loading the next one)."""

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError
 from ..data.check import SplitReport, check_split, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
+from ..data.documents import PageLimits
+from ..data.formats import Columns
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.positions import VisionIndex
 from ..data.records import DataError
@@ -109,14 +111,19 @@ def resumed_config(run_dir: RunDir, asked: Config) -> Config:
 def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True) -> tuple[SplitReport, SplitReport]:
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
-              max_image_pixels=d.max_image_pixels, workers=max(1, d.num_workers))
+              limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
     reports = [check_split(d.path, "train", **kw), check_split(d.path, "valid", **kw)]
     errors = [p for rep in reports for p in rep.errors]
     n_problems = write_problems(run_dir.problems_path, reports) if write else len(errors)
     for rep in reports if write else []:
         s = rep.summary()
+        pages = f", {s['pages']['multi_page_documents']} multi-page (max {s['pages']['max']} pages)" \
+            if s["pages"]["multi_page_documents"] else ""
         print(f"data {s['split']:<5} {s['folder']}: {s['rows']} rows, {s['usable']} usable, {s['errors']} errors, "
-              f"{s['warnings']} warnings, longest sample {s['max_tokens']} tokens")
+              f"{s['warnings']} warnings{pages}, longest sample {s['max_tokens']} tokens")
+        if s["ignored_keys"]:
+            print(f"data {s['split']:<5} ignored key(s), not used for training: "
+                  + ", ".join(f"{k} ({n} rows)" for k, n in s["ignored_keys"].items()))
     if errors:
         listing = "\n".join(f"  {p}" for p in errors[:20]) + ("\n  ..." if len(errors) > 20 else "")
         if not d.skip_invalid:
@@ -142,10 +149,10 @@ def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Spl
     common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
-    train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", d.max_image_pixels), sampler,
+    train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", PageLimits.from_config(d)), sampler,
                                    TrainCollator(enc.pad_id, vision), num_workers=d.num_workers,
                                    pin_memory=torch.cuda.is_available() and t.accelerator != "cpu")
-    val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", d.max_image_pixels)),
+    val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", PageLimits.from_config(d))),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)
     return train_loader, val_loader

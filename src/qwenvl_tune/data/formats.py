@@ -1,0 +1,293 @@
+"""Where a split's rows come from, in the formats users already have.
+
+- ``<data>/<split>/annotations.jsonl``: Roboflow/maestro rows (``image``/``images``, ``prefix``, ``suffix``),
+  LLaMA-Factory / ms-swift ``messages`` rows or LLaMA-Factory ShareGPT ``conversations`` rows, detected per row
+  (``records.parse_row``);
+- a Hugging Face ``datasets`` folder written by ``save_to_disk`` (``<data>/<split>/`` with ``state.json``, or
+  a ``DatasetDict`` folder holding one per split), read with ``datasets.load_from_disk``;
+- Parquet files: ``<data>/<split>.parquet``, ``<data>/<split>/*.parquet``, ``<data>/<split>-*.parquet`` or the
+  hub's ``<data>/data/<split>-*.parquet``, read with pyarrow.
+
+Tables have an image column (an HF ``Image`` value, bytes, a path, or a list of them for several pages), an
+answer column (text or a JSON object) or a ``messages``/``conversations`` column, and an optional prompt
+column; the ``data.*_column`` options name them when the usual names are not used. Rows are named
+``file:index`` (0-based, as ``datasets`` counts) in every message. Images stay in the table (memory-mapped)
+until a data-loader worker reads one.
+
+Both readers come with ``pip install 'qwenvl-tune[datasets]'``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingExtraError
+from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
+                      SplitError, SplitRows, check_answer, parse_conversation, read_split)
+
+JSONL, PARQUET, ARROW = "jsonl", "parquet", "arrow"
+FORMAT_LABELS = {PARQUET: "Parquet", ARROW: "Hugging Face datasets folder (save_to_disk)"}
+IMAGE_COLUMNS = ("images", "image", "pages", "page_images")
+ANSWER_COLUMNS = ("suffix", "answer", "ground_truth", "json", "target", "output", "label", "response")
+PROMPT_COLUMNS = ("prefix", "prompt", "question", "instruction", "query")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How table rows map to samples (``data.image_column`` etc.; empty: the usual names)."""
+
+    image: str = ""
+    answer: str = ""
+    prompt: str = ""
+    default_prompt: str = "extract data in JSON format"
+    max_pages: int | None = None
+
+    @classmethod
+    def from_config(cls, data: Any) -> "Columns":
+        return cls(data.image_column, data.answer_column, data.prompt_column, data.prompt, data.max_pages)
+
+
+@dataclass(frozen=True)
+class SplitLocation:
+    split: str
+    kind: str
+    path: Path  # the split folder (jsonl, arrow) or the data folder (parquet)
+    files: tuple[Path, ...] = ()  # parquet files, in order
+
+    @property
+    def label(self) -> str:
+        return str(self.path / ANNOTATIONS) if self.kind == JSONL else \
+            (str(self.path) if self.kind == ARROW else ", ".join(str(f) for f in self.files))
+
+
+def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
+    """Where a split is, in any supported format (``valid`` also answers to ``val``/``validation``)."""
+    data_dir = Path(data_dir)
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        folder = data_dir / name
+        if (folder / ANNOTATIONS).is_file():
+            return SplitLocation(split, JSONL, folder)
+        if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+            return SplitLocation(split, ARROW, folder)
+        for pattern_dir, pattern in ((folder, "*.parquet"), (data_dir, f"{name}.parquet"),
+                                     (data_dir, f"{name}-*.parquet"), (data_dir / "data", f"{name}-*.parquet"),
+                                     (data_dir / "data", f"{name}.parquet")):
+            files = sorted(pattern_dir.glob(pattern)) if pattern_dir.is_dir() else []
+            if files:
+                return SplitLocation(split, PARQUET, data_dir, tuple(files))
+    return None
+
+
+def read_location(loc: SplitLocation, columns: Columns = Columns()) -> SplitRows:
+    """Every row of a split as records (problems for the rows that are not usable)."""
+    if loc.kind == JSONL:
+        return read_split(loc.path, loc.split, columns.max_pages)
+    if loc.kind == ARROW:
+        return _read_table(loc.split, [(loc.path, ARROW)], columns)
+    return _read_table(loc.split, [(f, PARQUET) for f in loc.files], columns)
+
+
+# ---- tables
+
+_TABLES: dict[tuple[str, str], Any] = {}  # per process: each table opened (memory-mapped) once
+
+
+def _require() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("reading Parquet files or a datasets folder needs pyarrow and datasets: "
+                                "pip install 'qwenvl-tune[datasets]'") from None
+
+
+def open_table(path: Path, kind: str) -> Any:
+    """The table of a Parquet file or a ``save_to_disk`` folder, memory-mapped, cached per process."""
+    key = (str(path), kind)
+    if key not in _TABLES:
+        _require()
+        if kind == PARQUET:
+            import pyarrow.parquet as pq
+
+            try:
+                _TABLES[key] = pq.read_table(path, memory_map=True)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+                raise SplitError(f"not a readable Parquet file: {e}", path) from None
+        else:
+            try:
+                from datasets import load_from_disk
+            except ImportError:
+                raise MissingExtraError("reading a datasets folder needs the datasets library: "
+                                        "pip install 'qwenvl-tune[datasets]'") from None
+            try:
+                ds = load_from_disk(str(path))
+            except Exception as e:  # noqa: BLE001
+                raise SplitError(f"not a readable datasets folder: {e}", path) from None
+            if hasattr(ds, "keys"):  # a DatasetDict where a split was expected
+                raise SplitError(f"a DatasetDict (splits {sorted(ds.keys())}); point data.path at its parent so "
+                                 f"each split is found by name", path)
+            _TABLES[key] = ds.with_format("arrow")[:]
+    return _TABLES[key]
+
+
+def _is_image_type(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _is_image_type(t.value_type)
+    return pa.types.is_struct(t) and {f.name for f in t} >= {"bytes", "path"}
+
+
+def _choose(table: Any, wanted: str, usual: tuple[str, ...], what: str, option: str, file: Path,
+            required: bool = True) -> str | None:
+    names = table.column_names
+    if wanted:
+        if wanted not in names:
+            raise SplitError(f"no column '{wanted}' ({option}); the columns are {', '.join(names)}", file)
+        return wanted
+    for name in usual:
+        if name in names:
+            return name
+    if what == "image":
+        for name in names:
+            if _is_image_type(table.schema.field(name).type):
+                return name
+    if required:
+        raise SplitError(f"no {what} column (looked for {', '.join(usual)}); name it with {option}; the columns are "
+                         f"{', '.join(names)}", file)
+    return None
+
+
+@dataclass(frozen=True)
+class CellSource:
+    """An image held in a table cell: an HF ``Image`` value ({bytes, path}), raw bytes or a path."""
+
+    table: str
+    kind: str
+    row: int
+    column: str
+    k: int | None = None  # the position in a list of pages
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}:{self.row} [{self.column}{'' if self.k is None else f'[{self.k}]'}]"
+
+    def read(self) -> bytes:
+        value = open_table(Path(self.table), self.kind).column(self.column)[self.row].as_py()
+        if self.k is not None:
+            value = value[self.k]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str) and value:
+            base = Path(self.table) if self.kind == ARROW else Path(self.table).parent
+            from .records import resolve_image_path
+
+            return resolve_image_path(value, base, self.table, self.row, self.column).read_bytes()
+        raise DataError(f"no image in this cell (got {type(value).__name__})", self.table, self.row, self.column)
+
+
+def _cells(value: Any, table: str, kind: str, row: int, column: str, max_pages: int | None) -> tuple:
+    if value is None:
+        raise SchemaError("the image cell is empty", table, row, column)
+    if isinstance(value, list):
+        if not value:
+            raise SchemaError("the list of page images is empty", table, row, column)
+        if max_pages is not None and len(value) > max_pages:
+            raise SchemaError(f"{len(value)} images, over data.max_pages={max_pages}", table, row, column)
+        for k, v in enumerate(value):
+            if v is None or (isinstance(v, dict) and not v.get("bytes") and not v.get("path")):
+                raise SchemaError(f"page image {k} is empty", table, row, f"{column}[{k}]")
+        return tuple(CellSource(table, kind, row, column, k) for k in range(len(value)))
+    if isinstance(value, dict) and not value.get("bytes") and not value.get("path"):
+        raise SchemaError("the image cell has neither bytes nor a path", table, row, column)
+    return (CellSource(table, kind, row, column),)
+
+
+def _answer(value: Any, table: str, row: int, column: str) -> tuple[Any, bool]:
+    """The answer of a row; Donut-style ground truth (``{"gt_parse": ...}``, as CORD ships it) is unwrapped."""
+    donut = False
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and "gt_parse" in parsed:
+            value, donut = parsed["gt_parse"], True
+    elif isinstance(value, dict) and "gt_parse" in value:
+        value, donut = value["gt_parse"], True
+    return check_answer(value, table, row, column), donut
+
+
+def _read_table(split: str, tables: list[tuple[Path, str]], columns: Columns) -> SplitRows:
+    out = SplitRows(source=", ".join(str(p) for p, _ in tables))
+    donut = offset = 0
+    for path, kind in tables:
+        table = open_table(path, kind)
+        name = str(path)
+        image_col = _choose(table, columns.image, IMAGE_COLUMNS, "image", "data.image_column", path)
+        convo = next((c for c in ("messages", "conversations") if c in table.column_names), None) \
+            if not columns.answer else None
+        answer_col = None if convo else _choose(table, columns.answer, ANSWER_COLUMNS, "answer", "data.answer_column",
+                                                path)
+        prompt_col = None if convo else _choose(table, columns.prompt, PROMPT_COLUMNS, "prompt",
+                                                "data.prompt_column", path, required=False)
+        used = {image_col, answer_col, prompt_col, convo, "system" if convo else None}
+        unused = [c for c in table.column_names if c not in used]
+        # image cells are only looked at (not decoded) here: the page images stay in the table
+        images = table.column(image_col)
+        others = table.select([c for c in (answer_col, prompt_col, convo) if c] +
+                              (["system"] if convo and "system" in table.column_names else [])).to_pylist()
+        for i in range(table.num_rows):
+            out.rows += 1
+            try:
+                cell = images[i].as_py() if not _is_image_type(images.type) else _image_cell(images[i])
+                sources = _cells(cell, name, kind, i, image_col, columns.max_pages)
+                values = others[i]
+                if convo:
+                    layout = MESSAGES if convo == "messages" else SHAREGPT
+                    obj = {convo: values[convo], "images": ["<cell>"] * len(sources)}
+                    if values.get("system") is not None:
+                        obj["system"] = values["system"]
+                    row = parse_conversation(obj, layout, name, i)
+                else:
+                    answer, was_donut = _answer(values[answer_col], name, i, answer_col)
+                    donut += was_donut
+                    prompt = values.get(prompt_col) if prompt_col else None
+                    if prompt is not None and not isinstance(prompt, str):
+                        raise SchemaError(f"the prompt must be text, got {type(prompt).__name__}", name, i, prompt_col)
+                    row = Row("table", [], prompt or columns.default_prompt, answer)
+            except DataError as e:
+                out.problems.append(Problem.from_error(e))
+                continue
+            out.layouts[FORMAT_LABELS[kind]] = out.layouts.get(FORMAT_LABELS[kind], 0) + 1
+            out.records.append(Record(f"{split}:{offset + i}", split, sources, row.prompt, row.answer, name, i,
+                                      row.system))
+        offset += table.num_rows
+        for c in unused:
+            out.ignored[c] = out.ignored.get(c, 0) + table.num_rows
+    if donut:
+        out.problems.append(Problem(out.source, None, None, f"{donut} answer(s) taken from Donut-style ground truth "
+                                    f"('gt_parse' inside the answer column)", "warning", "DonutGroundTruth"))
+    if out.ignored:
+        keys = ", ".join(f"'{k}'" for k in sorted(out.ignored))
+        out.problems.append(Problem(out.source, None, None, f"column(s) not used for training, ignored: {keys}",
+                                    "warning", "IgnoredKeys"))
+    return out
+
+
+def _image_cell(scalar: Any) -> Any:
+    """An HF Image cell (or a list of them) without copying the image bytes: only whether each is set."""
+    import pyarrow as pa
+
+    if not scalar.is_valid:
+        return None
+    if isinstance(scalar, (pa.ListScalar, pa.LargeListScalar)):
+        return [_image_cell(v) for v in scalar.values] if scalar.values is not None else []
+    b, p = scalar["bytes"], scalar["path"]
+    return {"bytes": b.is_valid and len(b.as_buffer()) > 0, "path": p.as_py() if p.is_valid else None}
