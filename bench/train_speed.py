@@ -100,28 +100,33 @@ class Sample:
     answer_tokens: int
 
 
-def make_samples(n: int, seed: int, max_pixels: int, tiny: bool) -> list[Sample]:
+def make_samples(n: int, seed: int, max_pixels: int, tiny: bool, pages: int = 1) -> list[Sample]:
+    """Document samples; with ``pages`` > 1 each has that many pages, each drawn like a single-page sample's
+    (the same per-page resolution), in one user turn before the prompt, and one answer."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        w = rng.uniform(1500, 1900) if not tiny else 300
-        h = w * rng.uniform(1.2, 1.45)
-        rh, rw = smart_resize(int(h), int(w), factor=28, min_pixels=256 * 28 * 28 if not tiny else 8 * 28 * 28,
-                              max_pixels=max_pixels)
-        gh, gw = rh // 14, rw // 14
-        n_img = gh * gw // 4
+        grids, runs, pvs = [], [], []
+        for _ in range(pages):
+            w = rng.uniform(1500, 1900) if not tiny else 300
+            h = w * rng.uniform(1.2, 1.45)
+            rh, rw = smart_resize(int(h), int(w), factor=28, min_pixels=256 * 28 * 28 if not tiny else 8 * 28 * 28,
+                                  max_pixels=max_pixels)
+            gh, gw = rh // 14, rw // 14
+            grids.append([1, gh, gw])
+            runs += [torch.tensor([VSTART]), torch.full((gh * gw // 4,), IMAGE), torch.tensor([VEND])]
+        n_img = sum(gh * gw // 4 for _, gh, gw in grids)
         n_ans = int(min(900, max(200, rng.gauss(520, 110)))) if not tiny else 40
         prompt = torch.randint(1000, 150000, (30,), generator=g)
         answer = torch.randint(1000, 150000, (n_ans,), generator=g)
-        ids = torch.cat([prompt[:20], torch.tensor([VSTART]), torch.full((n_img,), IMAGE), torch.tensor([VEND]),
-                         prompt[20:], answer, torch.tensor([EOS, 198])])
+        ids = torch.cat([prompt[:20], *runs, prompt[20:], answer, torch.tensor([EOS, 198])])
         labels = torch.full_like(ids, -100)
         labels[len(ids) - n_ans - 2: len(ids) - 1] = ids[len(ids) - n_ans - 2: len(ids) - 1]
-        pv = torch.randn(gh * gw, 3 * 2 * 14 * 14, generator=g)
-        out.append(Sample(ids, labels, pv, torch.tensor([[1, gh, gw]]), n_img, n_ans))
+        pv = torch.cat([torch.randn(gh * gw, 3 * 2 * 14 * 14, generator=g) for _, gh, gw in grids])
+        out.append(Sample(ids, labels, pv, torch.tensor(grids), n_img, n_ans))
     return out
 
 
@@ -159,11 +164,12 @@ def flops_per_sample(cfg, s: Sample, method: str) -> float:
     per_tok = 2 * L * (d * d * 2 + 2 * d * kv + 3 * d * ff)
     lm_fwd = per_tok * T + 2 * L * T * T * d  # causal attention: half of 4*T^2*d
     head = 2 * d * t.vocab_size * s.answer_tokens  # only what a loss must compute
-    P = int(s.grid.prod())
+    patches = [int(n) for n in s.grid.prod(dim=1)]  # per page: attention runs within each page
+    P = sum(patches)
     vd, vff = v.hidden_size, v.intermediate_size
     vis = 2 * v.depth * P * (4 * vd * vd + 3 * vd * vff) + 2 * (4 * vd) * 4 * vd * P // 4 * 2
     full_blocks = len(v.fullatt_block_indexes)
-    vis += 4 * P * vd * (full_blocks * P + (v.depth - full_blocks) * 64)
+    vis += sum(4 * p * vd * (full_blocks * p + (v.depth - full_blocks) * 64) for p in patches)
     bwd = 2.0 if method == "full" else 1.0  # input-gradients only when the base is frozen
     return vis + (lm_fwd + head) * (1 + bwd)
 
@@ -458,6 +464,13 @@ VARIANTS = [
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 4 length-grouped"},
+    {"name": "ours_lora_b2_two_page", "method": "lora", "fast": True, "batch": 2, "pages": 2,
+     "desc": "qwenvl-tune lora, batch 2, two-page documents (no Triton kernels: also runs on a CPU)"},
+    {"name": "ours_lora_b2_liger_two_page", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pages": 2,
+     "desc": "the defaults on two-page documents (two pages at the single-page resolution, one answer); samples/s "
+             "counts documents"},
+    {"name": "ours_qlora_b2_liger_two_page", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "pages": 2, "desc": "qlora defaults on two-page documents; samples/s counts documents"},
     {"name": "ours_lora_b2_liger_pageable", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pin": False,
      "desc": "qwenvl-tune lora + liger, batch 2, batches in pageable memory (before 2026-11-27)"},
     {"name": "ours_lora_b2_liger_cublaslt", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
@@ -555,9 +568,15 @@ def main() -> int:
             results["numerics"] = {"error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()
         (out / f"train_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
+    by_pages = {1: samples}
     for v in chosen:
+        pages = v.get("pages", 1)
+        if pages not in by_pages:
+            by_pages[pages] = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny, pages)
+            results["env"][f"mean_seq_{pages}_pages"] = sum(len(s.input_ids) for s in by_pages[pages]) / args.samples
         try:
-            r = {**run_variant(v, ckpt, cfg, samples, args.steps, args.warmup), "round": v["round"]}
+            r = {**run_variant(v, ckpt, cfg, by_pages[pages], args.steps, args.warmup), "round": v["round"],
+                 "pages": pages}
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
             traceback.print_exc()
             r = {"name": v["name"], "desc": v["desc"], "error": f"{type(e).__name__}: {str(e)[:300]}"}
