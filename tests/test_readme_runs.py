@@ -35,6 +35,15 @@ def test_every_using_it_command_runs(sample_data, tiny_dir, tmp_path):
     images = sorted((tmp_path / "Data" / "valid").glob("*.jpg"))
     shutil.copy(images[0], tmp_path / "scan1.jpg")
     shutil.copy(images[1], tmp_path / "scan2.jpg")
+    from PIL import Image
+
+    from qwenvl_tune.data.documents import pdf_bytes_from_images
+
+    # the README's invoice.pdf and page1.png/page2.png: a two-page document, as a PDF and as page images
+    pages = [Image.open(images[0]), Image.open(images[1])]
+    (tmp_path / "invoice.pdf").write_bytes(pdf_bytes_from_images(pages))
+    shutil.copy(images[0], tmp_path / "page1.png")
+    shutil.copy(images[1], tmp_path / "page2.png")
     (tmp_path / "other_system.jsonl").write_text('{"route": "x"}\nnot json\n')
     run = tmp_path / "runs" / "readme"
     lines = _using_it()

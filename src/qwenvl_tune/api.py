@@ -47,11 +47,12 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
     if from_predictions:
         rows = read_predictions(out_dir / "predictions.jsonl")
         return write_outputs(out_dir, title, rows, config.metric_options(),
-                             {"split": split, "n": len(rows), "checkpoint": which, "rescored": True})
+                             {"split": split, "n": len(rows), "checkpoint": which, "rescored": True},
+                             review_below=config.generate.review_below)
     report = check_split(data_path or config.data.path, split, limits=PageLimits.from_config(config.data),
                          columns=Columns.from_config(config.data))
     records = report.records[:limit] if limit else report.records
-    outputs: dict[str, tuple[list[str], list[bool]]] = {}
+    outputs: dict[str, list[dict[str, Any]]] = {}
     decoding: dict[str, str] = {}
     tuned = Predictor.from_run(run, which, constrained=constrained)
     sessions = [tuned]
@@ -68,14 +69,14 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         decoding["base"] = base.decoding
         base.close()
     rows = [{"id": r.id, "images": r.image_names, "gold": r.suffix,
-             **{name: {"raw": texts[i], "truncated": cut[i]} for name, (texts, cut) in outputs.items()}}
+             **{name: answers[i] for name, answers in outputs.items()}}
             for i, r in enumerate(records)]
     extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which,
              "decoding": decoding}
     if report.errors:
         extra["problems"] = [str(p) for p in report.errors]
     return write_outputs(out_dir, title, rows, config.metric_options(), extra,
-                         sources={r.id: r.sources for r in records})
+                         sources={r.id: r.sources for r in records}, review_below=config.generate.review_below)
 
 
 def predict(run_dir: str | Path, images: Sequence[str | Path | Sequence[str | Path]], prompt: str | None = None, *,

@@ -37,7 +37,14 @@ def _train(o: dict, cfg: dict) -> int:
     return 0
 
 
+def _review(o: dict, cfg: dict) -> None:
+    """--review-below T is generate.review_below for this use of the run."""
+    if o.get("review_below") is not None:
+        cfg["generate.review_below"] = o["review_below"]
+
+
 def _evaluate(o: dict, cfg: dict) -> int:
+    _review(o, cfg)
     from .api import evaluate
     from .evaluation.report import format_metrics
     from .rundir import RunDir
@@ -52,6 +59,7 @@ def _evaluate(o: dict, cfg: dict) -> int:
 
 
 def _predict(o: dict, cfg: dict) -> int:
+    _review(o, cfg)
     if o["input"] or o["output"]:
         if not (o["input"] and o["output"]) or o["images"]:
             print("error: bulk extraction takes --input and --output (and no image arguments)", file=sys.stderr)
@@ -88,6 +96,7 @@ def _export(o: dict, cfg: dict) -> int:
 
 
 def _serve(o: dict, cfg: dict) -> int:
+    _review(o, cfg)
     from .inference.server import serve
 
     serve(o["run"], host=o["host"], port=o["port"], which=o["checkpoint"],

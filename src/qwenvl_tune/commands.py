@@ -51,6 +51,8 @@ class EvaluateOptions:
     compare_constrained: bool = _f(False, "Also decode the other way (with or without the schema) and report both, "
                                           "each column named for how it was decoded.")
     from_predictions: bool = _f(False, "Re-score the stored predictions of this split without loading a model.")
+    review_below: float | None = _f(None, "Mark fields whose confidence is under this (and their documents) "
+                                          "needs_review (sets generate.review_below).")
 
 
 @dataclass
@@ -67,6 +69,8 @@ class PredictOptions:
     compare_base: bool = _f(False, "Also show the base model's answer (decoded the same way).")
     constrained: bool | None = _f(None, "Decode under the learnt JSON schema (default: the run's "
                                         "generate.constrained); --no-constrained decodes freely.")
+    review_below: float | None = _f(None, "Mark fields whose confidence is under this (and their documents) "
+                                          "needs_review (sets generate.review_below).")
 
 
 @dataclass
@@ -87,6 +91,8 @@ class ServeOptions:
     api_key: str | None = _f(None, "Require this key in the X-API-Key header (or set QWENVL_TUNE_API_KEY).")
     max_upload_mb: float = _f(20.0, "Largest upload accepted, in MiB.")
     max_batch: int = _f(8, "Most concurrent requests generated together.")
+    review_below: float | None = _f(None, "Mark fields whose confidence is under this (and their documents) "
+                                          "needs_review (sets generate.review_below).")
 
 
 @dataclass

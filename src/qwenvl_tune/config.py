@@ -111,6 +111,8 @@ class GenerateConfig:
     batch_size: int = _f(4, "Samples per generation batch (left-padded).")
     qlora_base: Literal["4bit", "bf16"] = _f("4bit", "How evaluate/predict/serve load a QLoRA run's base model on a GPU: 4bit as it was trained (least memory), or bf16 (what a merged export computes).")
     constrained: bool = _f(True, "predict/evaluate/serve decode under the JSON schema learnt from the training answers (saved in the run folder), so every output parses.")
+    confidence: bool = _f(True, "Give each field (and document) a confidence from its tokens' probabilities; evaluate checks them against the answers (calibration).")
+    review_below: float = _f(0.0, "Mark fields under this confidence (and their documents) needs_review; evaluate reports the share flagged and the accuracy of the rest (0: off).")
 
 
 @dataclass
@@ -173,6 +175,8 @@ class Config:
         d, t = self.data, self.train
         if d.min_pixels <= 0 or d.max_pixels < d.min_pixels:
             raise ConfigError(f"data.min_pixels ({d.min_pixels}) must be > 0 and <= data.max_pixels ({d.max_pixels})")
+        if not 0.0 <= self.generate.review_below <= 1.0:
+            raise ConfigError(f"generate.review_below is a confidence in [0, 1], got {self.generate.review_below}")
         if d.max_pages < 1:
             raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
         for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):

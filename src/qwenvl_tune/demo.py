@@ -1,4 +1,5 @@
-"""The embedded default: sample manifests + a tiny Qwen2.5-VL, trained, evaluated and used on CPU.
+"""The embedded default: sample manifests (a quarter over two pages, a quarter as PDFs) + a tiny Qwen2.5-VL,
+trained, evaluated and used on CPU.
 
     qwenvl-tune demo          # or: make demo
 """
@@ -29,7 +30,7 @@ def run_demo(out: str | Path = "demo_output") -> dict:
     data = out / "data"
     if not (data / "train" / "annotations.jsonl").exists():
         print(f"writing sample manifests to {data}")
-        write_dataset(data, n_train=32, n_valid=6, n_test=0, seed=0, size=(425, 550))
+        write_dataset(data, n_train=32, n_valid=6, n_test=0, seed=0, size=(425, 550), multipage=0.25, pdf=0.25)
     model_dir = out / "tiny-qwen2.5-vl"
     if not (model_dir / "config.json").exists():
         print(f"building a tiny random-init Qwen2.5-VL checkpoint in {model_dir}")
@@ -43,12 +44,15 @@ def run_demo(out: str | Path = "demo_output") -> dict:
         shutil.rmtree(previous)
     run = train(config)
     results = evaluate(run, "valid", compare_base=True, compare_constrained=True)
-    sample = sorted((data / "valid").glob("*.jpg"))[0]
+    pdfs = sorted((data / "valid").glob("*.pdf"))
+    sample = pdfs[0] if pdfs else sorted((data / "valid").glob("*.jpg"))[0]
     row = predict(run, [sample])[0]
     print("\n=== validation metrics (tiny model, CPU) ===")
     print(format_metrics(results))
     print("base: the random-init model before training, decoded the same way as the fine-tuned one.")
-    print(f"\n=== predict {sample.name} ===\n{row.get('output', row.get('error'))}")
-    print(f"\ngold: {json.dumps(json.loads((data / 'valid' / 'annotations.jsonl').read_text().splitlines()[0])['suffix'], ensure_ascii=False)}")
+    print(f"\n=== predict {sample.name} ({row.get('pages', '?')} page(s)) ===\n{row.get('output', row.get('error'))}")
+    rows = [json.loads(line) for line in (data / "valid" / "annotations.jsonl").read_text().splitlines()]
+    gold = next(r["suffix"] for r in rows if sample.name in (r.get("image"), *r.get("images", [])))
+    print(f"\ngold: {json.dumps(gold, ensure_ascii=False)}")
     print(f"\nrun folder: {run}  ({time.perf_counter() - t0:.0f} s)")
     return results

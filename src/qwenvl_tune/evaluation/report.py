@@ -24,19 +24,27 @@ from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, flatt
 MODELS = ("finetuned", "constrained", "unconstrained", "base")
 
 
-def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
-    """Score stored predictions. Each row: {"id", "images", "gold", "<model>": {"raw", "truncated"}}.
+def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any], review_below: float = 0.0
+               ) -> tuple[dict[str, list[SampleScore]], dict[str, Any]]:
+    """Score stored predictions. Each row: {"id", "images", "gold", "<model>": {"raw", "truncated", "confidence"?}}.
 
     Returns:
-        (per-model sample scores in row order, per-model aggregate metrics)
+        (per-model sample scores in row order, per-model aggregate metrics; with confidences, their calibration)
     """
+    from .calibration import calibration
+
     models = [m for m in MODELS if rows and m in rows[0]]
     scores: dict[str, list[SampleScore]] = {m: [] for m in models}
     for row in rows:
         for m in models:
             out = row[m]
             scores[m].append(score_sample(out["raw"], row["gold"], truncated=bool(out.get("truncated")), **options))
-    return scores, {m: aggregate(s) for m, s in scores.items()}
+    metrics = {m: aggregate(s) for m, s in scores.items()}
+    for m in models:
+        cal = calibration(rows, m, scores[m], options, review_below)
+        if cal is not None:
+            metrics[m]["calibration"] = cal
+    return scores, metrics
 
 
 def prediction_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[SampleScore]]) -> list[dict[str, Any]]:
@@ -47,6 +55,8 @@ def prediction_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[Sampl
             ok, parsed = parse_json(row[m]["raw"])
             r[m] = {"raw": row[m]["raw"], "truncated": bool(row[m].get("truncated")), "parsed": parsed if ok else None,
                     "scores": sc[i].to_dict()}
+            if row[m].get("confidence", False) is not False:
+                r[m]["confidence"] = row[m]["confidence"]
         out.append(r)
     return out
 
@@ -124,7 +134,8 @@ def _fmt(v: Any) -> str:
     return html.escape(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
 
 
-def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any]) -> str:
+def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any], confidence: dict[str, Any] | None = None,
+                review_below: float = 0.0) -> str:
     ok, pred = parse_json(pred_raw)
     if isinstance(gold, str):
         # an answer stored as a JSON string (as Roboflow exports them) is compared per field, as the metrics do
@@ -135,8 +146,10 @@ def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any]) -> str:
         status = "ok" if pred_raw.strip() == gold.strip() else "wrong"
         return (f'<table class="diff"><tr class="{status}"><td>(text)</td><td>{_fmt(gold)}</td>'
                 f"<td>{_fmt(pred_raw)}</td></tr></table>")
+    conf = (confidence or {}).get("fields") or {}
     if ok and options.get("list_matching") == "unordered":
         pred = align_lists(pred, gold)
+        conf = {}  # confidences name the answer's own list positions, which alignment moved
     g = flatten(gold)
     p = {k: v for k, v in flatten(pred).items() if not k.endswith("__unmatched__")} if ok else {}
     rows = []
@@ -150,9 +163,12 @@ def _diff_table(gold: Any, pred_raw: str, options: dict[str, Any]) -> str:
             norm = {k: options[k] for k in ("casefold", "whitespace", "numeric") if k in options}
             a, b = normalize_value(pv, **norm), normalize_value(gv, **norm)
             cls, pv_s = ("ok" if a == b and type(a) is type(b) else "wrong"), _fmt(pv)
-        rows.append(f'<tr class="{cls}"><td>{html.escape(path)}</td><td>{_fmt(gv) if path in g else "—"}</td>'
-                    f"<td>{pv_s}</td></tr>")
-    head = "<tr><th>field</th><th>gold</th><th>predicted</th></tr>"
+        c = conf.get(path)
+        flag = " review" if c is not None and c < review_below else ""
+        c_s = f'<td class="conf{flag}">{c:.2f}</td>' if conf else ""
+        rows.append(f'<tr class="{cls}" data-conf="{"" if c is None else round(c, 4)}"><td>{html.escape(path)}</td>'
+                    f'<td>{_fmt(gv) if path in g else "—"}</td><td>{pv_s}</td>{c_s}</tr>')
+    head = "<tr><th>field</th><th>gold</th><th>predicted</th>" + ("<th>confidence</th>" if conf else "") + "</tr>"
     note = "" if ok else '<p class="bad">output is not valid JSON: every field counts as missing</p>'
     return f'{note}<table class="diff">{head}{"".join(rows)}</table>'
 
@@ -168,12 +184,79 @@ table.diff{font:12px/1.35 ui-monospace,SFMono-Regular,Menlo,monospace}
 tr.ok td{color:#166534} tr.wrong td{background:#fef2f2;color:#991b1b} tr.missing td{background:#fff7ed;color:#9a3412}
 tr.extra td{background:#eff6ff;color:#1e40af} .bad{color:#b91c1c;font-weight:600} pre{white-space:pre-wrap;max-width:720px}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border-radius:4px;font-size:12px}
+td.conf{text-align:right;color:#555} td.conf.review{color:#b45309;font-weight:700}
 """
+
+
+def reliability_png(metrics: dict[str, Any]) -> bytes | None:
+    """Reliability diagram of each model with confidences: accuracy against mean confidence per bin."""
+    models = [m for m in MODELS if m in metrics and "calibration" in metrics[m]]
+    if not models:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=110)
+    for ax, level in zip(axes, ("fields", "documents")):
+        ax.plot([0, 1], [0, 1], color="#9ca3af", lw=1, ls="--", label="perfect calibration")
+        for m in models:
+            table = metrics[m]["calibration"][level]
+            if not table["bins"]:
+                continue
+            xs = [b["confidence"] for b in table["bins"]]
+            ys = [b["accuracy"] for b in table["bins"]]
+            ax.plot(xs, ys, marker="o", label=f"{m} (ECE {table['ece']:.3f}, n={table['n']})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("share right" if level == "fields" else "share exactly right")
+        ax.set_title(level, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _calibration_html(metrics: dict[str, Any], review_below: float) -> str:
+    models = [m for m in MODELS if m in metrics and "calibration" in metrics[m]]
+    if not models:
+        return ""
+    png = reliability_png(metrics)
+    parts = ['<h2>Confidence</h2><p class="muted">Each field\'s confidence is the probability of the tokens that '
+             'spell it; a document\'s, the product over its fields. Below: how often fields (and whole documents) '
+             'at each confidence were right, and what a review threshold would flag.</p>']
+    if png:
+        parts.append(f'<img id="reliability" alt="reliability diagram" '
+                     f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    for m in models:
+        cal = metrics[m]["calibration"]
+        rows = "".join(
+            f'<tr{" class=chosen" if r["threshold"] == review_below else ""}><td class="num">{r["threshold"]:g}</td>'
+            f'<td class="num">{_pct(r["share_documents_flagged"])}</td><td class="num">{r["fields_flagged"]}</td>'
+            f'<td class="num">{_pct(r["field_accuracy_unflagged"])}</td>'
+            f'<td class="num">{_pct(r["exact_match_unflagged"])}</td></tr>'
+            for r in cal["review_sweep"] + ([cal["review"]] if "review" in cal and
+                                            cal["review"]["threshold"] not in {r["threshold"] for r in
+                                                                               cal["review_sweep"]} else []))
+        parts.append(f'<h3>{m}: field ECE {cal["fields"]["ece"]}, document ECE {cal["documents"]["ece"]}</h3>'
+                     f'<table class="summary review"><tr><th>review below</th><th>documents flagged</th>'
+                     f'<th>fields flagged</th><th>field accuracy, unflagged</th><th>exact match, unflagged</th></tr>'
+                     f'{rows}</table>')
+    return "".join(parts)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
                options: dict[str, Any], decoding: dict[str, str] | None = None,
-               sources: dict[str, Sequence[Any]] | None = None) -> None:
+               sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0) -> None:
     models = [m for m in MODELS if m in metrics]
     decoding = decoding or {}
     head = "".join(f'<th>{m}<br><span class="muted">{html.escape(decoding.get(m, ""))}</span></th>' for m in models)
@@ -215,7 +298,7 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
             f'<div class="sample" data-id="{html.escape(r["id"])}"><div>{img}</div><div>'
             f'<div class="meta">#{rank} · {html.escape(names or r["id"])} · {html.escape(r["id"])} · field F1 {ft["f1"]:.2f} · edit distance '
             f'{ft["edit_distance"]:.3f} · tree accuracy {ft["ted_accuracy"]:.2f}{flags}</div>'
-            f'{_diff_table(r["gold"], r["finetuned"]["raw"], options)}'
+            f'{_diff_table(r["gold"], r["finetuned"]["raw"], options, r["finetuned"].get("confidence"), review_below)}'
             f'<details><summary>raw output</summary><pre>{html.escape(r["finetuned"]["raw"])}</pre></details>{base}'
             f"</div></div>")
     chart = base64.b64encode(chart_png).decode()
@@ -225,6 +308,7 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
 · normalisation: casefold={options.get("casefold")}, whitespace={options.get("whitespace")}, numeric={options.get("numeric")}</p>
 <h2>Summary</h2><table class="summary" id="summary"><tr><th>metric</th>{head}</tr>{"".join(summary)}</table>
 <h2>Field accuracy</h2><img id="field-chart" alt="per-field accuracy" src="data:image/png;base64,{chart}">
+{_calibration_html(metrics, review_below)}
 <h2>Samples, worst first</h2><p class="legend"><span style="background:#fef2f2">wrong</span><span style="background:#fff7ed">missing</span><span style="background:#eff6ff">extra</span><span style="color:#166534">correct</span></p>
 <div id="samples">{"".join(samples)}</div></body></html>"""
     path.write_text(doc, encoding="utf-8")
@@ -232,13 +316,13 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
 
 def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], options: dict[str, Any],
                   extra: dict[str, Any] | None = None, html_report: bool = True,
-                  sources: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+                  sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0) -> dict[str, Any]:
     """Score ``rows`` and write every evaluation output into ``out_dir``; returns the metrics dict.
 
     ``sources`` (row id -> the document's ``Source``s) lets the report show pages held in a dataset table;
     without it the report reads each row's ``images`` as file paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores, metrics = score_rows(rows, options)
+    scores, metrics = score_rows(rows, options, review_below)
     scored = prediction_rows(rows, scores)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in scored:
@@ -250,7 +334,7 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
         png = field_chart_png(metrics)
         (out_dir / "field_accuracy.png").write_bytes(png)
         write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"),
-                   sources)
+                   sources, review_below)
     return result
 
 
@@ -260,7 +344,9 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
         for line in fh:
             if line.strip():
                 r = json.loads(line)
-                rows.append({k: ({"raw": v["raw"], "truncated": v.get("truncated", False)} if k in MODELS else v)
+                rows.append({k: ({"raw": v["raw"], "truncated": v.get("truncated", False),
+                                  **({"confidence": v["confidence"]} if "confidence" in v else {})}
+                                 if k in MODELS else v)
                              for k, v in r.items()})
     return rows
 
@@ -275,4 +361,15 @@ def format_metrics(results: dict[str, Any]) -> str:
     lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
     for c, how in (results.get("decoding") or {}).items():
         lines.append(f"  {c}: {how}")
+    for c in cols:
+        cal = results[c].get("calibration")
+        if not cal:
+            continue
+        lines.append(f"  {c} confidence: field ECE {cal['fields']['ece']} over {cal['fields']['n']} fields, document "
+                     f"ECE {cal['documents']['ece']}")
+        if "review" in cal:
+            r = cal["review"]
+            lines.append(f"  {c} review below {r['threshold']:g}: {r['documents_flagged']} document(s) flagged "
+                         f"({_pct(r['share_documents_flagged'])}), field accuracy of the rest "
+                         f"{_pct(r['field_accuracy_unflagged'])} (flagged: {_pct(r['field_accuracy_flagged'])})")
     return "\n".join(lines)

@@ -80,6 +80,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stop: str | list[str] | None = None
     stream: bool = False
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ChatMessage(BaseModel):
@@ -87,11 +89,25 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -206,17 +222,39 @@ def sampling_of(req: ChatCompletionRequest) -> Sampling:
     return Sampling(temperature=req.temperature or None, top_p=req.top_p, seed=req.seed, stop=stop)
 
 
-def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _token(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text, list(text.encode("utf-8"))
+
+
+def choice_logprobs(gen: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs.content``: each answer token (the end-of-turn token excluded) with its log-probability
+    under the distribution it was drawn from (after the schema's mask), and the most likely alternatives."""
+    if gen.logprobs is None:
+        return None
+    content = []
+    n = len(gen.token_ids) - (0 if gen.truncated else 1)  # the end-of-turn token is not part of the content
+    for k in range(max(0, n)):
+        text, raw = _token(tokenizer, gen.token_ids[k])
+        top = [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in
+               ((*_token(tokenizer, i), lp) for i, lp in (gen.top_logprobs[k] if gen.top_logprobs else []))]
+        content.append({"token": text, "logprob": gen.logprobs[k], "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model,
-                          choices=[Choice(message=ChatMessage(content=text), finish_reason=finish)],
+                          choices=[Choice(message=ChatMessage(content=text), finish_reason=finish,
+                                          logprobs=ChoiceLogprobs.model_validate(logprobs) if logprobs else None)],
                           usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                       total_tokens=prompt_tokens + completion_tokens)).model_dump()
 
 
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
-          usage: dict[str, int] | None = None) -> str:
+          usage: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None) -> str:
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
     if usage is not None:
         body["usage"] = usage
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -28,7 +28,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ..data.documents import BytesSource, load_pages
 from ..data.records import DataError
 from ..modeling.generate import Generation, Sampling
-from .session import extraction_result
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
@@ -82,6 +81,8 @@ class _Job:
     constraint: Any = "run"  # the session's own (learnt schema), None (free) or a compiled caller schema
     sampling: Sampling = field(default_factory=Sampling)
     max_new_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
     item: dict[str, Any] | None = None  # the encoded inputs, when the route already made them
     queued: float = field(default_factory=time.perf_counter)
     timing: dict[str, Any] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class _Job:
     def key(self) -> tuple:
         """Jobs with the same key are generated together."""
         return (self.system, self.constraint if isinstance(self.constraint, str) or self.constraint is None
-                else id(self.constraint), self.sampling, self.max_new_tokens)
+                else id(self.constraint), self.sampling, self.max_new_tokens, self.logprobs, self.top_logprobs)
 
 
 class QueueFull(Exception):
@@ -137,17 +138,18 @@ class Extractor:
             raise QueueFull from None
         return await job.future
 
-    async def extract(self, image: Any, prompt: str) -> dict[str, Any]:
-        job = _Job(image, prompt, asyncio.get_running_loop().create_future())
+    async def extract(self, pages: Any, prompt: str) -> dict[str, Any]:
+        job = _Job(pages, prompt, asyncio.get_running_loop().create_future(), logprobs=self.predictor.confidence)
         gen = await self.submit(job)
-        return {**extraction_result(gen.text, gen.truncated), **job.timing}
+        return {**self.predictor.result(gen, len(pages) if isinstance(pages, list) else 1), **job.timing}
 
     def _generate(self, jobs: list[_Job]) -> list[Generation]:
         first = jobs[0]
         items = [j.item or self.predictor.encode(j.image, j.prompt, j.system) for j in jobs]
         with self.model_lock:
             return self.predictor.complete(items, constraint=first.constraint, max_new_tokens=first.max_new_tokens,
-                                           sampling=first.sampling)
+                                           sampling=first.sampling, logprobs=first.logprobs,
+                                           top_logprobs=first.top_logprobs)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -335,7 +337,8 @@ def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_byte
             loop = asyncio.get_running_loop()  # images decoded and PDF pages rendered off the event loop
             image, prompt, system = await loop.run_in_executor(None, oa.parse_request, req, max_bytes, limits)
             job = _Job(image, prompt, asyncio.get_running_loop().create_future(), system,
-                       _constraint(extractor, req), oa.sampling_of(req), req.max_completion_tokens or req.max_tokens)
+                       _constraint(extractor, req), oa.sampling_of(req), req.max_completion_tokens or req.max_tokens,
+                       bool(req.logprobs), req.top_logprobs or 0)
             # encoded once, off the event loop: for the budget check here and for generation in the queue
             job.item = await asyncio.get_running_loop().run_in_executor(
                 None, extractor.predictor.encode, image, prompt, system)
@@ -354,7 +357,8 @@ def _openai_routes(app: FastAPI, extractor: Extractor, authorised: Any, max_byte
             return _error(429, f"the queue is full ({extractor.max_queue} requests waiting); retry later", "queue_full")
         except Exception as e:  # noqa: BLE001
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "internal")
-        return oa.completion(model_id, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+        return oa.completion(model_id, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens,
+                             oa.choice_logprobs(gen, extractor.predictor.processor.tokenizer) if job.logprobs else None)
 
 
 def _constraint(extractor: Extractor, req: Any) -> Any:
@@ -394,7 +398,8 @@ async def _stream(extractor: Extractor, job: _Job, model_id: str):
         item = job.item or extractor.predictor.encode(job.image, job.prompt, job.system)
         with extractor.model_lock:
             return extractor.predictor.complete([item], constraint=job.constraint, max_new_tokens=job.max_new_tokens,
-                                                sampling=job.sampling, streamer=streamer)[0]
+                                                sampling=job.sampling, streamer=streamer, logprobs=job.logprobs,
+                                                top_logprobs=job.top_logprobs)[0]
 
     future = loop.run_in_executor(None, run)
     yield oa.chunk(cid, model_id, created, {"role": "assistant", "content": ""})
@@ -413,6 +418,8 @@ async def _stream(extractor: Extractor, job: _Job, model_id: str):
     gen = await future
     if gen.text.startswith(received[:yielded]) and len(gen.text) > yielded:  # the rest, up to where it ends
         yield oa.chunk(cid, model_id, created, {"content": gen.text[yielded:]})
+    if job.logprobs:  # the tokens' log-probabilities, once they are all known
+        yield oa.chunk(cid, model_id, created, {}, logprobs=oa.choice_logprobs(gen, tok))
     yield oa.chunk(cid, model_id, created, {}, gen.finish_reason,
                    {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
                     "total_tokens": gen.prompt_tokens + gen.completion_tokens})

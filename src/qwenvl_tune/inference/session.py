@@ -23,9 +23,10 @@ from ..data.collate import Encoder, GenerateCollator, Pages, RecordDataset, coll
 from ..data.documents import FileSource, PageLimits, load_pages
 from ..data.records import Record
 from ..evaluation.metrics import parse_json
-from ..modeling.generate import Generation, Sampling, generate, generate_batch, stop_token_ids
+from ..modeling.generate import Generation, Sampling, generate, stop_token_ids
 from ..modeling.load import DTYPES, load_base_model, load_processor
 from ..rundir import SCHEMA_FILE, RunDir
+from .confidence import confidence_of, review
 from .structured import constraint_for
 
 
@@ -83,6 +84,8 @@ class Predictor:
         self.schema, self.schema_name = schema, schema_name
         self.constraint = constraint_for(model, processor, schema) if constrained and schema is not None else None
         self.max_new_tokens = config.generate.max_new_tokens
+        self.confidence = config.generate.confidence
+        self.review_below = config.generate.review_below
         self.batch_size = config.generate.batch_size
         self.limits = PageLimits.from_config(config.data)
         self.max_image_pixels = self.limits.max_image_pixels
@@ -126,42 +129,56 @@ class Predictor:
         return other
 
     # ---- generation
-    def generate(self, batch: dict[str, Any]) -> tuple[list[str], list[bool]]:
-        """Answers for one left-padded batch; ``(texts, truncated)``."""
-        return generate_batch(self.model, self.processor, batch, self.max_new_tokens, self.stop_ids, self.constraint)
+    def generate(self, batch: dict[str, Any]) -> list[Generation]:
+        """Answers for one left-padded batch, each with its token log-probabilities when confidences are on."""
+        return generate(self.model, self.processor, batch, self.max_new_tokens, self.stop_ids, self.constraint,
+                        logprobs=self.confidence)
 
-    def generate_records(self, records: Sequence[Record], progress: bool = False) -> tuple[list[str], list[bool]]:
-        """Answers for dataset records (their images and prompts), in order; ``progress`` shows a bar with ETA."""
+    def output(self, gen: Generation) -> dict[str, Any]:
+        """What evaluation stores of an answer: the raw text, whether it was cut off, and its confidences."""
+        out: dict[str, Any] = {"raw": gen.text, "truncated": gen.truncated}
+        if self.confidence:
+            out["confidence"] = confidence_of(gen, self.processor.tokenizer)
+        return out
+
+    def generate_records(self, records: Sequence[Record], progress: bool = False) -> list[dict[str, Any]]:
+        """Answers for dataset records (their pages and prompts), in order, as ``output`` dicts; ``progress``
+        shows a bar with ETA."""
         from tqdm.auto import tqdm
 
         ds = RecordDataset(list(records), self.encoder, "generate", self.limits)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
                                              collate_fn=GenerateCollator(self.encoder.pad_id), num_workers=0)
-        texts: list[str] = []
-        cut: list[bool] = []
+        out: list[dict[str, Any]] = []
         with tqdm(total=len(ds), desc=f"{self.name} ({self.decoding})", unit="doc", disable=not progress) as bar:
             for batch in loader:
-                t, c = self.generate(batch)
-                texts += t
-                cut += c
-                bar.update(len(t))
-        return texts, cut
+                gens = self.generate(batch)
+                out += [self.output(g) for g in gens]
+                bar.update(len(gens))
+        return out
 
     def generate_images(self, images: Sequence[Pages], prompts: Sequence[str | None] | None = None,
-                        batch_size: int | None = None) -> tuple[list[str], list[bool]]:
+                        batch_size: int | None = None) -> list[Generation]:
         """Answers for loaded documents (each an image or a list of pages), ``batch_size`` (default: the run's)
         at a time."""
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         size = batch_size or self.batch_size
-        texts: list[str] = []
-        cut: list[bool] = []
+        gens: list[Generation] = []
         for i in range(0, len(images), size):
             items = [self.encoder.encode_prompt(im, pr or self.default_prompt)
                      for im, pr in zip(images[i:i + size], prompts[i:i + size])]
-            t, c = self.generate(collate(items, self.encoder.pad_id, left=True))
-            texts += t
-            cut += c
-        return texts, cut
+            gens += self.generate(collate(items, self.encoder.pad_id, left=True))
+        return gens
+
+    def result(self, gen: Generation, pages: int = 1) -> dict[str, Any]:
+        """What predict, bulk extraction and the service return for one answer (``extraction_result``), with
+        per-field confidences and, under ``generate.review_below``, the review flags."""
+        out = {**extraction_result(gen.text, gen.truncated), "pages": pages}
+        if self.confidence:
+            out["confidence"] = confidence_of(gen, self.processor.tokenizer)
+            if self.review_below:
+                out.update(review(out["confidence"], self.review_below))
+        return out
 
     def encode(self, pages: Pages, prompt: str | None = None, system: str | None = None) -> dict[str, Any]:
         """The model inputs of one request: a document (an image or its pages), with a system message of its own
@@ -169,7 +186,8 @@ class Predictor:
         return self.encoder.encode_prompt(pages, prompt or self.default_prompt, system=system)
 
     def complete(self, items: Sequence[dict[str, Any]], *, constraint: Any = "run", max_new_tokens: int | None = None,
-                 sampling: Sampling | None = None, streamer: Any = None) -> list[Generation]:
+                 sampling: Sampling | None = None, streamer: Any = None, logprobs: bool = False,
+                 top_logprobs: int = 0) -> list[Generation]:
         """Generate for encoded requests (``encode``) as one batch, each with its finish reason and token counts.
 
         ``constraint``: "run" for the session's own (the learnt schema, if constrained), None for free decoding,
@@ -178,7 +196,7 @@ class Predictor:
         constraint = self.constraint if constraint == "run" else constraint
         batch = collate(list(items), self.encoder.pad_id, left=True)
         return generate(self.model, self.processor, batch, max_new_tokens or self.max_new_tokens, self.stop_ids,
-                        constraint, sampling, streamer)
+                        constraint, sampling, streamer, logprobs, top_logprobs)
 
     def compile_schema(self, schema: dict[str, Any]) -> Any:
         """A caller's JSON Schema compiled for this model (raises on a schema the grammar compiler rejects)."""
@@ -187,10 +205,11 @@ class Predictor:
     def predict(self, images: Sequence[Pages], prompts: Sequence[str | None] | None = None,
                 batch_size: int | None = None) -> list[dict[str, Any]]:
         """One result dict per document (an image or a list of pages): ``json``, ``valid``, ``output``,
-        ``truncated``, ``pages``."""
-        texts, cut = self.generate_images(images, prompts, batch_size)
+        ``truncated``, ``pages``, ``confidence`` ({"document", "fields"}) and, with ``generate.review_below``,
+        ``needs_review`` and ``review_fields``."""
+        gens = self.generate_images(images, prompts, batch_size)
         pages = [1 if isinstance(d, Image.Image) else len(d) for d in images]
-        return [{**extraction_result(t, c), "pages": n} for t, c, n in zip(texts, cut, pages)]
+        return [self.result(g, n) for g, n in zip(gens, pages)]
 
     def load_pages(self, paths: str | Path | Sequence[str | Path]) -> list[Image.Image]:
         """A document's pages from its files (images, PDFs), under the run's limits (``data.max_image_pixels``,

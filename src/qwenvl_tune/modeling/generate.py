@@ -48,20 +48,57 @@ class Generation:
     truncated: bool  # hit max_new_tokens before an end-of-turn token or a stop string
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] | None = None  # the answer's tokens (with ``logprobs``), end-of-turn token included
+    logprobs: list[float] | None = None  # each token's log-probability under the distribution it was drawn from
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # the most likely alternatives at each step
 
     @property
     def finish_reason(self) -> str:
         return "length" if self.truncated else "stop"
 
 
+class TokenLogprobs:
+    """A logits processor, last in the chain, that records the log-probability of each chosen token.
+
+    The distribution is the one the token was drawn from: after the JSON constraint's mask (so a token the
+    schema forces has probability 1) and before sampling. The token chosen at step t is only known at step
+    t+1 (the last column of ``input_ids``), so one step's log-softmax is kept (batch x vocabulary), never all.
+    """
+
+    def __init__(self, top: int = 0):
+        self.top, self.prev = top, None
+        self.chosen: list[torch.Tensor] = []
+        self.alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.chosen.append(self.prev.gather(1, tokens[:, None]).squeeze(1).cpu())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        if self.top:
+            values, ids = self.prev.topk(self.top, dim=-1)
+            self.alternatives.append((ids.cpu(), values.cpu()))
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, steps) log-probabilities, given the generated tokens (batch, steps)."""
+        if self.prev is not None and len(self.chosen) < new_tokens.shape[1]:
+            self._take(new_tokens[:, len(self.chosen)].to(self.prev.device))
+        self.prev = None
+        return torch.stack(self.chosen, dim=1) if self.chosen else torch.zeros(new_tokens.shape[0], 0)
+
+
 @torch.no_grad()
 def generate(model: Any, processor: Any, batch: dict[str, Any], max_new_tokens: int,
              stop_ids: Sequence[int] | None = None, constraint: Any = None, sampling: Sampling | None = None,
-             streamer: Any = None) -> list[Generation]:
+             streamer: Any = None, logprobs: bool = False, top_logprobs: int = 0) -> list[Generation]:
     """Generate for one left-padded batch: each answer with why it ended and its token counts.
 
     With ``constraint`` (a ``JsonConstraint``) every answer is decoded under its JSON schema; ``streamer`` (a
-    transformers streamer, for a batch of one) receives the text as it is generated.
+    transformers streamer, for a batch of one) receives the text as it is generated. With ``logprobs`` each
+    answer carries its token ids and their log-probabilities (and ``top_logprobs`` alternatives per step).
     """
     sampling = sampling or Sampling()
     stop_ids = list(stop_ids or stop_token_ids(model, processor))
@@ -72,7 +109,11 @@ def generate(model: Any, processor: Any, batch: dict[str, Any], max_new_tokens: 
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-    extra: dict[str, Any] = {"logits_processor": [constraint.logits_processor()]} if constraint is not None else {}
+    processors = [constraint.logits_processor()] if constraint is not None else []
+    recorder = TokenLogprobs(top_logprobs) if logprobs or top_logprobs else None
+    if recorder is not None:
+        processors.append(recorder)  # after the constraint: probabilities under the schema's mask
+    extra: dict[str, Any] = {"logits_processor": processors} if processors else {}
     if sampling.stop:
         extra.update(stop_strings=list(sampling.stop), tokenizer=tok)
     if streamer is not None:
@@ -86,11 +127,12 @@ def generate(model: Any, processor: Any, batch: dict[str, Any], max_new_tokens: 
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                          use_cache=True, **extra)
     new = out[:, inputs["input_ids"].shape[1]:].cpu()
+    token_logprobs = recorder.finish(new) if recorder is not None else None
     stop = torch.tensor(stop_ids)
     prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else \
         [inputs["input_ids"].shape[1]] * len(new)
     results = []
-    for row, prompt_len in zip(new, prompt_lengths):
+    for b, (row, prompt_len) in enumerate(zip(new, prompt_lengths)):
         ended = torch.isin(row, stop).nonzero()
         n = int(ended[0]) + 1 if len(ended) else int((row != pad_id).sum())
         text = tok.decode(row[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -98,7 +140,13 @@ def generate(model: Any, processor: Any, batch: dict[str, Any], max_new_tokens: 
         for s in sampling.stop:  # a stop string ends the answer and is not part of it
             if s in text:
                 text = text[:text.index(s)]
-        results.append(Generation(text, not len(ended) and not by_string and n >= max_new_tokens, int(prompt_len), n))
+        gen = Generation(text, not len(ended) and not by_string and n >= max_new_tokens, int(prompt_len), n)
+        if token_logprobs is not None:
+            gen.token_ids, gen.logprobs = row[:n].tolist(), token_logprobs[b, :n].tolist()
+            if recorder.top:
+                gen.top_logprobs = [list(zip(ids[b].tolist(), vals[b].tolist())) for ids, vals in
+                                    recorder.alternatives[:n]]
+        results.append(gen)
     return results
 
 
