@@ -68,6 +68,8 @@ def main() -> None:
         res["timings_s"][label] = round(time.perf_counter() - t, 2)
         print(f"{label}: {res['timings_s'][label]:.2f}s for {args.rows} predictions")
     res["report_mb"] = round((tmp / "eval" / "report.html").stat().st_size / 2**20, 1)
+    files = list((tmp / "eval" / "report_files").glob("*")) if (tmp / "eval" / "report_files").is_dir() else []
+    res["report_files_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)  # thumbnails beside a large report
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_speed.json").write_text(json.dumps(res, indent=2))

@@ -25,7 +25,7 @@ def _rows(tmp_path: Path, n: int = 4) -> list[dict]:
         gold = {"route": f"R{i}", "dock": "D29", "products": [{"cases": "8"}, {"cases": str(i)}]}
         pred = dict(gold, dock="D29" if i % 2 else "D30")
         raw = json.dumps(pred) if i != 3 else '```json\n{"route": "R3"'  # one broken output
-        rows.append({"id": f"valid:{i + 1}", "image": str(img), "gold": gold,
+        rows.append({"id": f"valid:{i + 1}", "images": [str(img)], "gold": gold,
                      "finetuned": {"raw": raw, "truncated": i == 3},
                      "base": {"raw": "I see a document.", "truncated": False}})
     return rows
@@ -88,8 +88,56 @@ def test_report_renders_in_headless_chromium(tmp_path):
         # worst first: the broken output leads
         assert page.locator(".sample").first.get_attribute("data-id") == "valid:4"
         assert page.locator(".sample").first.locator("tr.missing").count() >= 1
+        assert "0.png" in page.locator(".sample .meta").nth(1).inner_text()  # samples named by their files
+        # click a scan: it opens full size over the page; Esc closes it
+        page.locator(".sample a.page").first.click()
+        assert page.locator("#zoom").is_visible()
+        page.keyboard.press("Escape")
+        assert not page.locator("#zoom").is_visible()
+        # filters: by error type and by field
+        page.select_option("#f-error", "invalid")
+        assert [page.locator(".sample").nth(i).get_attribute("data-id") for i in range(page.locator(".sample").count())] == ["valid:4"]
+        page.select_option("#f-error", "")
+        page.select_option("#f-field", "dock")
+        assert page.locator(".sample").count() == 4  # dock is wrong in 0, 2 and 4, missing in the broken 3
+        assert page.locator("#count").inner_text() == "4 of 5 samples"
+        page.select_option("#f-field", "")
+        page.fill("#f-name", "2.png")
+        assert page.locator(".sample").count() == 1
         browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_a_large_report_pages_and_keeps_its_thumbnails_beside_it(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from qwenvl_tune.evaluation.report import EMBED_LIMIT, PAGE_SIZE
+
+    out = tmp_path / "eval"
+    base = _rows(tmp_path, 4)
+    rows = [dict(base[i % 4], id=f"valid:{i + 1}") for i in range(EMBED_LIMIT + 50)]
+    write_outputs(out, "large report", rows, OPTIONS)
+    html_size = (out / "report.html").stat().st_size
+    thumbs = list((out / "report_files").glob("*.jpg"))
+    assert len(thumbs) == len(rows) and html_size < 2_000 * len(rows)  # the HTML holds data, not pictures
+    assert "data:image/jpeg" not in (out / "report.html").read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone's screen
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").as_uri())
+        assert page.locator(".sample").count() == PAGE_SIZE
+        assert page.locator("#where").inner_text() == f"page 1 of {-(-len(rows) // PAGE_SIZE)}"
+        page.click("#next")
+        assert page.locator(".sample .meta").first.inner_text().startswith(f"#{PAGE_SIZE + 1} ")
+        assert page.evaluate("[...document.querySelectorAll('.sample img')].every(i => i.complete && i.naturalWidth > 0)")
+        # nothing wider than the screen but the tables' own scrolling
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+        page.screenshot(path=str(ARTIFACTS / "report_narrow.png"))
+        assert errors == []
+        browser.close()
 
 
 def test_json_string_answers_get_the_per_field_view(tmp_path):
@@ -99,3 +147,14 @@ def test_json_string_answers_get_the_per_field_view(tmp_path):
     table = _diff_table(gold, '{"total": "12.00", "tax": "9.99"}', OPTIONS)
     assert "<td>total</td>" in table and "<td>tax</td>" in table and "(text)" not in table
     assert table.count('class="wrong"') == 1 and table.count('class="ok"') == 1
+
+
+def test_the_diff_table_shows_confidences_and_fields_without_one():
+    from qwenvl_tune.evaluation.report import _diff_table
+
+    conf = {"document": 0.5, "fields": {"total": 0.97, "tax": 0.4}}  # the extra "note" has none
+    table = _diff_table({"total": "12.00", "tax": "1.20"}, '{"total": "12.00", "tax": "9.99", "note": 1}', OPTIONS,
+                        conf, review_below=0.9)
+    assert "<th>confidence</th>" in table and ">0.97<" in table
+    assert '<td class="conf review">0.40</td>' in table  # under the review threshold
+    assert table.count("<tr") == 4 and '<tr class="extra"><td>note</td><td>—</td><td>1</td><td></td></tr>' in table

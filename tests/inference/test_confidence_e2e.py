@@ -88,7 +88,10 @@ def test_evaluate_reports_calibration_and_the_review_split(memorised):
     pred = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(p["finetuned"]["confidence"]["document"] > 0.9 for p in pred)
     html = (out / "report.html").read_text()
-    assert 'id="reliability"' in html and "<th>confidence</th>" in html and "field ECE" in html
+    assert 'id="reliability"' in html and "field ECE" in html
+    data = json.loads(html.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    for sample in data["samples"]:  # each field's confidence travels with its row of the comparison
+        assert sample["conf"] > 0.9 and all(row[4] is not None and row[4] > 0.9 for row in sample["rows"])
     # re-scoring the stored predictions keeps the confidences
     again = api.evaluate(run, "valid", from_predictions=True, overrides={"generate.review_below": 0.9})
     assert again["finetuned"]["calibration"] == cal
