@@ -144,15 +144,34 @@ def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to
     # sample of the lengths, not the N shortest batches (which understated peak memory until 2026-11-27 evening)
     random.Random(1).shuffle(groups)
     vision = VisionIndex.for_config(cfg) if cfg is not None else None
-    out = []
-    for g in groups:
-        items = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels,
-                  "pixel_values": samples[i].pixel_values, "image_grid_thw": samples[i].grid,
-                  "position_ids": mrope_positions(samples[i].input_ids, samples[i].grid, IMAGE, 2),
-                  # newer transformers compute mrope positions only when told which tokens are image tokens
-                  "mm_token_type_ids": (samples[i].input_ids == IMAGE).long()} for i in g]
-        out.append(collate(items, PAD, left=False, vision=vision, pad_to_multiple_of=pad_to))
-    return out
+    return [collate_samples([samples[i] for i in g], vision, pad_to) for g in groups]
+
+
+def collate_samples(group: list[Sample], vision=None, pad_to: int = 1) -> dict:
+    from qwenvl_tune.data.collate import collate
+    from qwenvl_tune.data.positions import mrope_positions
+
+    items = [{"input_ids": s.input_ids, "labels": s.labels, "pixel_values": s.pixel_values, "image_grid_thw": s.grid,
+              "position_ids": mrope_positions(s.input_ids, s.grid, IMAGE, 2),
+              # newer transformers compute mrope positions only when told which tokens are image tokens
+              "mm_token_type_ids": (s.input_ids == IMAGE).long()} for s in group]
+    return collate(items, PAD, left=False, vision=vision, pad_to_multiple_of=pad_to)
+
+
+def auto_batch(loop, fast, samples: list[Sample], cfg, v: dict):
+    """The product's batch-size probe (``train.batch_size=auto``) on the benchmark's samples; ``card_gib`` sets the
+    budget as if the card had that much memory (an 80 GB card on a 141 GB H200)."""
+    from qwenvl_tune.data.positions import VisionIndex
+    from qwenvl_tune.training.autobatch import probe_batch_size
+
+    longest = sorted(samples, key=lambda s: -len(s.input_ids))
+    vision = VisionIndex.for_config(cfg)
+    fraction = loop.config.train.auto_batch_memory
+    if v.get("card_gib"):
+        total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        fraction *= min(1.0, v["card_gib"] / total_gib)
+    return probe_batch_size(loop.fabric, loop.module, loop.optimizer, lambda b: collate_samples(longest[:b], vision),
+                            len(samples), fraction, fast)
 
 
 def flops_per_sample(cfg, s: Sample, method: str) -> float:
@@ -297,7 +316,20 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     bs = v["batch"]
-    accum = max(1, 8 // bs)
+    probe = loop = None
+    if bs == "auto":  # the product's probe picks the batch, under the budget of the card named by card_gib
+        from qwenvl_tune.training.autobatch import accumulation_for
+
+        loop, fast = product_loop(v, ckpt, cfg, 1)
+        probe = auto_batch(loop, fast, samples, cfg, v)
+        print(probe.describe(), flush=True)
+        bs = probe.chosen
+        loop.config.train.accumulate_grad_batches = accum = accumulation_for(bs)
+        free()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()  # the probe's own peaks are not the training's
+    else:
+        accum = max(1, 8 // bs)
     product = v["fast"] and v.get("loop", "product") == "product"
     index = v["fast"] and v.get("loader_index", True)
     pad_to = v.get("pad_to", 1)  # the trainer does not round lengths (the _pad64/_pad128 variants measured it)
@@ -309,7 +341,8 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     if product:
         from qwenvl_tune.training.loop import micro_batch, optimizer_step
 
-        loop, fast = product_loop(v, ckpt, cfg, accum)
+        if loop is None:
+            loop, fast = product_loop(v, ckpt, cfg, accum)
         model = loop.module.module.model
         scope.enter_context(fast.training(model))
         pending: list = []
@@ -379,6 +412,8 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
            "batch": bs, "pad_to_multiple_of": pad_to, "pinned": pinned, "samples_per_s": n_samples / dt,
            "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
            "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
+    if probe is not None:
+        res["auto_batch"] = probe.describe()
     if audit is not None:
         res["host_syncs_per_micro_step"] = sum(n for n, _ in audit)
         res["host_sync_sites"] = [f"{n} {site}" for n, site in audit]
@@ -464,6 +499,10 @@ VARIANTS = [
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 4 length-grouped"},
+    {"name": "ours_lora_auto_liger_80gb", "method": "lora", "fast": True, "batch": "auto", "kernels": "liger",
+     "card_gib": 80, "desc": "qwenvl-tune lora + liger, train.batch_size=auto with the budget of an 80 GB card"},
+    {"name": "ours_lora_auto_liger", "method": "lora", "fast": True, "batch": "auto", "kernels": "liger",
+     "desc": "qwenvl-tune lora + liger, train.batch_size=auto on this card"},
     {"name": "ours_lora_b2_two_page", "method": "lora", "fast": True, "batch": 2, "pages": 2,
      "desc": "qwenvl-tune lora, batch 2, two-page documents (no Triton kernels: also runs on a CPU)"},
     {"name": "ours_lora_b2_liger_two_page", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pages": 2,

@@ -46,6 +46,25 @@ def test_qlora_base_is_4bit_with_bf16_compute(tiny_dir, tmp_path):
     assert all(m.compute_dtype == torch.bfloat16 for m in four_bit)
 
 
+def test_auto_batch_size_probes_the_card_and_trains_with_what_it_chose(tiny_dir, sample_data, tmp_path, capsys):
+    import yaml
+
+    from qwenvl_tune import api
+    from qwenvl_tune.config import build_config
+
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "model.dtype": "bfloat16", "train.precision": "bf16-mixed", "train.accelerator": "gpu",
+        "train.batch_size": "auto", "train.max_steps": 2}))
+    run = api.train(cfg)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("train.batch_size=auto: "))
+    chosen = int(line.split(": ")[1].split()[0])
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    # a tiny model: every size up to the 6 training samples fits; the peaks it measured are stated
+    assert chosen == 6 and saved["batch_size"] == 6 and "6: " in line and "GiB" in line
+    assert saved["accumulate_grad_batches"] == 1  # the test's own setting (tiny_overrides), kept
+
+
 def test_qlora_trains_end_to_end_on_gpu(tiny_dir, sample_data, tmp_path):
     pytest.importorskip("bitsandbytes")
     from qwenvl_tune import api

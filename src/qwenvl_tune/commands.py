@@ -152,7 +152,11 @@ def metavar(tp: Any) -> str:
         return "{" + ",".join(str(a) for a in args) + "}"
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return metavar(inner[0]) if len(inner) == 1 else "VALUE"
+        if len(inner) == 1:
+            return metavar(inner[0])
+        # a type or named values: INT|auto
+        names = [metavar(a).strip("{}").replace(",", "|") for a in inner]
+        return "|".join(names) if all(n != "VALUE" for n in names) else "VALUE"
     if origin is list:
         return "LIST"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE")

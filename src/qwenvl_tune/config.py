@@ -83,7 +83,8 @@ class ModelConfig:
 class TrainConfig:
     max_epochs: int = _f(10, "Number of passes over the training split.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: no limit).")
-    batch_size: int = _f(2, "Samples per micro-batch (per device); batches are length-grouped.")
+    batch_size: int | Literal["auto"] = _f(2, "Samples per micro-batch (per device); batches are length-grouped. auto: the largest that fits the GPU, found by a short probe at start (stated in the log and saved with the run).")
+    auto_batch_memory: float = _f(0.85, "With batch_size=auto: the share of the GPU's memory a micro-batch may use at its peak.")
     accumulate_grad_batches: int = _f(4, "Micro-batches per optimizer step.")
     lr: float | None = _f(None, "Peak learning rate (AdamW); unset: 2e-4 for lora/qlora, 1e-5 for full fine-tuning.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -179,7 +180,11 @@ class Config:
             raise ConfigError(f"generate.review_below is a confidence in [0, 1], got {self.generate.review_below}")
         if d.max_pages < 1:
             raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
+        if not 0.1 <= t.auto_batch_memory <= 1.0:
+            raise ConfigError(f"train.auto_batch_memory is a share of the GPU's memory in [0.1, 1], got {t.auto_batch_memory}")
         for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):
+            if getattr(t, name) == "auto":
+                continue
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
         if t.lr is None:
@@ -251,7 +256,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                 return coerce(name, a, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+        raise ConfigError("; ".join(errors) if errors else f"{name}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}{_suggest(str(value), [str(a) for a in args])}")

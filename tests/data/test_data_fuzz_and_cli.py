@@ -125,7 +125,7 @@ def test_train_help_names_each_option_type_plainly(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for shown in ("--model.kernels {auto,none,liger}", "--train.batch_size INT", "--train.lr FLOAT",
+    for shown in ("--model.kernels {auto,none,liger}", "--train.batch_size INT|auto", "--train.lr FLOAT",
                   "--model.fast_path BOOL", "--lora.target_modules LIST", "--data.system_message TEXT"):
         assert shown in out, shown
     assert "<class" not in out and "Literal[" not in out

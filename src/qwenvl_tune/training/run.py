@@ -72,8 +72,11 @@ def train(config: Config, resume: str | None = None) -> Path:
                                 cuda=fabric.device.type == "cuda")
         if main:
             print(fast.describe())
-        train_loader, val_loader = setup_loaders(config, processor, train_rep, valid_rep, fast)
-        loop = _setup_loop(fabric, config, run, processor, train_loader, val_loader, ckpt, log_version, fast)
+        auto = config.train.batch_size == "auto"
+        loaders = (None, None) if auto else setup_loaders(config, processor, train_rep, valid_rep, fast)
+        loop = _setup_loop(fabric, config, run, processor, *loaders, ckpt, log_version, fast, (train_rep, valid_rep))
+        if auto and main:
+            run.write_config(config)  # the size the probe chose: a resume trains with it
     except DataError:
         raise  # the folder keeps data_problems.jsonl, which the message names (no config: not a run yet)
     except BaseException:
@@ -131,7 +134,7 @@ def _announce(config: Config, run: RunDir, ckpt: Path | None, log_version: str, 
 
 
 def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_loader: Any, val_loader: Any,
-                ckpt: Path | None, log_version: str, fast: FastPath) -> Loop:
+                ckpt: Path | None, log_version: str, fast: FastPath, data: tuple = ()) -> Loop:
     model = load_base_model(config.model)
     model = prepare_for_training(model, config, fast)
     trainable, total = count_parameters(model)
@@ -143,6 +146,9 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     module.mark_forward_method("generate")  # validation generates through the strategy's wrapper too
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(_adamw(params, config, fabric.device))
+    if config.train.batch_size == "auto":
+        _auto_batch_size(fabric, module, optimizer, config, processor, data[0], fast)
+        train_loader, val_loader = setup_loaders(config, processor, *data, fast)
     loop = Loop(fabric, module, optimizer, None, train_loader, val_loader, run, processor, config, Progress(),
                 StopRequest(announce=fabric.is_global_zero), None)
     loop.scheduler = build_scheduler(optimizer, config, loop.total_steps())
@@ -154,6 +160,28 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if rng is not None:
         restore_rng(rng)  # last: nothing after this may draw random numbers before the first step
     return loop
+
+
+def _auto_batch_size(fabric: Any, module: Any, optimizer: Any, config: Config, processor: Any, train_rep: Any,
+                     fast: FastPath) -> None:
+    """Resolve ``train.batch_size=auto`` in ``config`` (and the accumulation, unless the user set it)."""
+    from .autobatch import accumulation_for, probe_batch_size
+    from .setup import longest_batches
+
+    t = config.train
+    if fabric.device.type != "cuda":
+        t.batch_size = 2
+        note = "train.batch_size=auto: 2 (no CUDA device to measure)"
+    else:
+        probe = probe_batch_size(fabric, module, optimizer, longest_batches(config, processor, train_rep, fast),
+                                 len(train_rep.records), t.auto_batch_memory, fast)
+        t.batch_size = probe.chosen
+        note = probe.describe()
+    if "train.accumulate_grad_batches" not in config.explicit:
+        t.accumulate_grad_batches = accumulation_for(t.batch_size)
+        note += f"; {t.accumulate_grad_batches} micro-batch(es) per optimizer step"
+    if fabric.is_global_zero:
+        print(note)
 
 
 def _adamw(params: list, config: Config, device: Any) -> torch.optim.Optimizer:

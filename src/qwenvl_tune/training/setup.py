@@ -140,12 +140,29 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     return reports[0], reports[1]
 
 
-def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: SplitReport, fast: FastPath | None = None):
-    d, t = config.data, config.train
+def _encoder_and_vision(config: Config, processor: Any, fast: FastPath | None):
+    d = config.data
     enc = Encoder(processor, d.system_message, d.max_length)
     # the fast path takes the vision tower's index tensors from the loader, where this transformers reads them
     loader_indices = fast.loader_indices if fast is not None else config.model.fast_path
     vision = VisionIndex.for_config(load_model_config(config.model.name_or_path)) if loader_indices else None
+    return enc, vision
+
+
+def longest_batches(config: Config, processor: Any, train: SplitReport, fast: FastPath | None = None):
+    """``batches(b)``: the b longest training samples as one collated batch (the worst batch of size b that
+    length-grouping can make), for the batch-size probe."""
+    enc, vision = _encoder_and_vision(config, processor, fast)
+    order = sorted(range(len(train.records)), key=lambda i: -(train.tokens[train.records[i].id]["total"]
+                                                              if train.tokens else 0))
+    data = RecordDataset(train.records, enc, "train", PageLimits.from_config(config.data))
+    collate = TrainCollator(enc.pad_id, vision)
+    return lambda b: collate([data[i] for i in order[:b]])
+
+
+def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: SplitReport, fast: FastPath | None = None):
+    d, t = config.data, config.train
+    enc, vision = _encoder_and_vision(config, processor, fast)
     common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
