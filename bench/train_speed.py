@@ -214,6 +214,8 @@ def variant_config(v: dict, ckpt: str, accum: int = 1):
                  "train.accelerator": "cuda" if CUDA else "cpu"}
     if "lora_dropout" in v:
         overrides["lora.dropout"] = v["lora_dropout"]
+    if "targets" in v:
+        overrides["lora.target_modules"] = v["targets"]
     return build_config(None, overrides)
 
 
@@ -499,6 +501,9 @@ VARIANTS = [
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 4 length-grouped"},
+    {"name": "ours_lora_b2_liger_all_linear", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "targets": "all-linear", "desc": "qwenvl-tune lora + liger, batch 2, LoRA on every linear layer of the language "
+                                     "model (lora.target_modules all-linear; the frozen vision tower has none)"},
     {"name": "ours_lora_auto_liger_80gb", "method": "lora", "fast": True, "batch": "auto", "kernels": "liger",
      "card_gib": 80, "desc": "qwenvl-tune lora + liger, train.batch_size=auto with the budget of an 80 GB card"},
     {"name": "ours_lora_auto_liger", "method": "lora", "fast": True, "batch": "auto", "kernels": "liger",
