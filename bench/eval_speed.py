@@ -70,6 +70,11 @@ def main() -> None:
     res["report_mb"] = round((tmp / "eval" / "report.html").stat().st_size / 2**20, 1)
     files = list((tmp / "eval" / "report_files").glob("*")) if (tmp / "eval" / "report_files").is_dir() else []
     res["report_files_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)  # thumbnails beside a large report
+    # rows for bench/results.py --add: one per timing, the report's sizes with the full run
+    res.update(bench="eval_speed", env={"cpus": res["cpus"], "gpu": f"cpu ({res['cpus']} cores)", "python": res["python"]},
+               runs=[{"name": label, "seconds": t, "predictions": args.rows,
+                      **({"report_mb": res["report_mb"], "report_files_mb": res["report_files_mb"]}
+                         if "report" in label else {})} for label, t in res["timings_s"].items()])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_speed.json").write_text(json.dumps(res, indent=2))
