@@ -395,8 +395,13 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
             sync()
             wall = time.perf_counter() - t_p
         ka = prof.key_averages()
-        gpu = sum(e.self_device_time_total for e in ka) / 1e6
-        print(f"PROFILE {v['name']}: wall {wall:.3f}s for 2 steps, GPU kernel time {gpu:.3f}s", flush=True)
+        from torch.autograd import DeviceType
+
+        # kernels only: an operator's own device time is its kernels' again (summing both counted it twice,
+        # until 2026-12-02)
+        gpu = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 1e6
+        print(f"PROFILE {v['name']}: wall {wall:.3f}s for 2 steps, GPU kernel time {gpu:.3f}s, GPU busy "
+              f"{100 * gpu / wall:.0f}%", flush=True)
         print(ka.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=70), flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70), flush=True)
     t0 = time.perf_counter()
