@@ -48,7 +48,7 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         rows = read_predictions(out_dir / "predictions.jsonl")
         return write_outputs(out_dir, title, rows, config.metric_options(),
                              {"split": split, "n": len(rows), "checkpoint": which, "rescored": True},
-                             review_below=config.generate.review_below)
+                             review_below=config.generate.review_below, protocol=config.metrics.protocol)
     report = check_split(data_path or config.data.path, split, limits=PageLimits.from_config(config.data),
                          columns=Columns.from_config(config.data))
     records = report.records[:limit] if limit else report.records
@@ -76,7 +76,8 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
     if report.errors:
         extra["problems"] = [str(p) for p in report.errors]
     return write_outputs(out_dir, title, rows, config.metric_options(), extra,
-                         sources={r.id: r.sources for r in records}, review_below=config.generate.review_below)
+                         sources={r.id: r.sources for r in records}, review_below=config.generate.review_below,
+                         protocol=config.metrics.protocol)
 
 
 def predict(run_dir: str | Path, images: Sequence[str | Path | Sequence[str | Path]], prompt: str | None = None, *,
@@ -157,4 +158,4 @@ def score(pred_path: str | Path, gold_path: str | Path, out_dir: str | Path, *,
     if notes:
         extra["notes"] = notes
     return write_outputs(Path(out_dir), f"{Path(pred_path).name} vs {Path(gold_path).name}", rows,
-                         config.metric_options(), extra)
+                         config.metric_options(), extra, protocol=config.metrics.protocol)

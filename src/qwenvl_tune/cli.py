@@ -121,6 +121,8 @@ def _score(o: dict, cfg: dict) -> int:
     from .api import score
     from .evaluation.report import format_metrics
 
+    if o.get("protocol"):
+        cfg["metrics.protocol"] = o["protocol"]
     res = score(o["pred"], o["gold"], o["out"], overrides=cfg)
     print(format_metrics(res))
     for note in res.get("notes", []):

@@ -122,6 +122,7 @@ class MetricsConfig:
     casefold: bool = _f(False, "Compare string values case-insensitively.")
     whitespace: bool = _f(True, "Collapse whitespace runs in string values before comparing.")
     numeric: bool = _f(False, "Compare numeric strings as numbers ('8' equals '8.0').")
+    protocol: Literal["both", "strict", "donut"] = _f("both", "Which scores the console and the report show (metrics.json always has both): strict (this project's definitions), donut (Donut's JSONParseEvaluator, as CORD/CC-OCR numbers are published), or both, side by side.")
 
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
@@ -164,7 +165,8 @@ class Config:
         return {k: v for k, v in self.flat().items() if default.get(k) != v}
 
     def metric_options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.metrics)
+        """How answers are compared (the metrics' keyword options); ``metrics.protocol`` only chooses what is shown."""
+        return {k: v for k, v in dataclasses.asdict(self.metrics).items() if k != "protocol"}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

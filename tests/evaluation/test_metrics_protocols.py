@@ -125,3 +125,27 @@ def test_line_items_count_only_when_every_field_is_right():
     assert score_sample("not json", gold).items == {"items": (0, 0, 2)}
     nested = {"pages": [{"lines": [{"t": "x"}, {"t": "y"}]}]}
     assert score_sample(json.dumps(nested), nested).items == {"pages": (1, 0, 0), "pages[].lines": (2, 0, 0)}
+
+
+def test_protocol_chooses_what_is_shown_and_metrics_json_keeps_both(tmp_path, capsys):
+    import json as _json
+
+    from qwenvl_tune.cli import main
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(_json.dumps({"id": str(i), "gold": {"a": str(i), "b": "x"}}) for i in range(3)) + "\n")
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("\n".join(_json.dumps({"id": str(i), "output": _json.dumps({"a": str(i), "b": "y"})})
+                              for i in range(3)) + "\n")
+    shown = {}
+    for protocol in ("donut", "strict", "both"):
+        assert main(["score", "--pred", str(pred), "--gold", str(gold), "--out", str(tmp_path / protocol),
+                     "--protocol", protocol]) == 0
+        table = capsys.readouterr().out.split("\n\nwritten:")[0]
+        shown[protocol] = {line.split()[0] for line in table.splitlines()[2:] if line and not line.startswith(" ")}
+        saved = _json.loads((tmp_path / protocol / "metrics.json").read_text())
+        assert saved["protocol"] == protocol and {"donut_field_f1", "field_f1"} <= set(saved["finetuned"])
+    assert shown["donut"] == {"donut_ted_accuracy", "donut_field_f1", "json_valid", "truncated", "samples"}
+    assert "field_f1" in shown["strict"] and not any(m.startswith("donut_") for m in shown["strict"])
+    assert shown["both"] == shown["donut"] | shown["strict"]
+    assert "donut_field_f1" not in (tmp_path / "strict" / "report.html").read_text().split("<h2>Field accuracy")[0]

@@ -23,6 +23,17 @@ from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, field
 
 # columns, each a model decoded one way (constrained/unconstrained: the fine-tuned model decoded the other way)
 MODELS = ("finetuned", "constrained", "unconstrained", "base")
+DONUT = ("donut_ted_accuracy", "donut_field_f1")
+
+
+def shown_metrics(protocol: str = "both") -> tuple[str, ...]:
+    """The scalar metrics the console and the report show under ``metrics.protocol`` (metrics.json has all):
+    Donut's two scores, this project's strict ones, or both. Validity and truncation belong to both."""
+    if protocol == "donut":
+        return DONUT + ("json_valid", "truncated")
+    if protocol == "strict":
+        return tuple(m for m in SCALAR_METRICS if m not in DONUT)
+    return SCALAR_METRICS
 
 
 def score_rows(rows: Sequence[dict[str, Any]], options: dict[str, Any], review_below: float = 0.0
@@ -283,7 +294,8 @@ PAGE_SIZE = 50
 
 def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
                options: dict[str, Any], decoding: dict[str, str] | None = None,
-               sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0) -> None:
+               sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0,
+               protocol: str = "both") -> None:
     """The report: summary, charts, calibration, then the samples worst first, a page at a time, with filters by
     field, by error type, by confidence and by name. The samples travel as JSON and are drawn by the page's script,
     so 10,000 of them make a few MB of HTML; above ``EMBED_LIMIT`` samples the page thumbnails are files in
@@ -292,7 +304,7 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
     decoding = decoding or {}
     head = "".join(f'<th>{m}<br><span class="muted">{html.escape(decoding.get(m, ""))}</span></th>' for m in models)
     summary = []
-    for name in SCALAR_METRICS:
+    for name in shown_metrics(protocol):
         vals = [metrics[m][name] for m in models]
         cells = "".join(f'<td class="num">{v:.3f}</td>' for v in vals)
         summary.append(f"<tr><td>{name}</td>{cells}</tr>")
@@ -443,7 +455,8 @@ draw();
 
 def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], options: dict[str, Any],
                   extra: dict[str, Any] | None = None, html_report: bool = True,
-                  sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0) -> dict[str, Any]:
+                  sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0,
+                  protocol: str = "both") -> dict[str, Any]:
     """Score ``rows`` and write every evaluation output into ``out_dir``; returns the metrics dict.
 
     ``sources`` (row id -> the document's ``Source``s) lets the report show pages held in a dataset table;
@@ -454,14 +467,14 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in scored:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    result = {**(extra or {}), "options": options, **metrics}
+    result = {**(extra or {}), "options": options, "protocol": protocol, **metrics}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     write_fields_csv(out_dir / "fields.csv", metrics)
     if html_report and rows:
         png = field_chart_png(metrics)
         (out_dir / "field_accuracy.png").write_bytes(png)
         write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"),
-                   sources, review_below)
+                   sources, review_below, protocol)
     return result
 
 
@@ -483,7 +496,7 @@ def format_metrics(results: dict[str, Any]) -> str:
     cols = [k for k in MODELS if k in results]
     w = 15
     lines = [f"{'metric':<18}" + "".join(f"{c:>{w}}" for c in cols), "-" * (18 + w * len(cols))]
-    for m in SCALAR_METRICS:
+    for m in shown_metrics(results.get("protocol", "both")):
         lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>{w}.3f}" for c in cols))
     lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
     for c, how in (results.get("decoding") or {}).items():
