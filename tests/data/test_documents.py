@@ -60,7 +60,7 @@ def _same(a, b):
 def test_multi_page_rows_keep_their_pages_in_order(tmp_path):
     rep, docs = _loaded(_roboflow(tmp_path))
     assert [len(d[3]) for d in docs] == [2, 1, 2]
-    assert rep.summary()["pages"] == {"total": 5, "max": 2, "multi_page_documents": 2}
+    assert rep.summary()["pages"] == {"total": 5, "max": 2, "multi_page_documents": 2, "pdf_documents": 0}
     assert [Path(n).name for n in rep.records[0].image_names] == ["a1.png", "a2.png"]
     assert np.array_equal(docs[0][3][1], np.asarray(_pages()["a2.png"]))
 
@@ -139,6 +139,7 @@ def test_pdf_rows_render_every_page_at_the_pixel_budget(tmp_path):
     limits = PageLimits(render_pixels=200_000)
     rep = check_split(tmp_path / "d", "train", limits=limits)
     assert not rep.errors and rep.page_sizes["train:1"] and len(rep.page_sizes["train:1"]) == 2
+    assert rep.summary()["pages"]["pdf_documents"] == 1
     for w, h in rep.page_sizes["train:1"]:
         assert abs(w * h - 200_000) / 200_000 < 0.01 and abs(w / h - 612 / 792) < 0.01  # the budget, the shape
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import render
-from .documents import PageLimits, load_pages
+from .documents import FileSource, PageLimits, load_pages
 from .formats import Columns, SplitLocation, locate_split, read_location
 from .records import DataError, Problem, Record, SplitError
 
@@ -32,6 +32,7 @@ class SplitReport:
     duplicates: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     ignored: dict[str, int] = field(default_factory=dict)
+    pdf_documents: int = 0
 
     @property
     def errors(self) -> list[Problem]:
@@ -46,7 +47,7 @@ class SplitReport:
             "duplicates": self.duplicates, "max_tokens": max(totals) if totals else None,
             "formats": dict(self.formats), "ignored_keys": dict(self.ignored),
             "pages": {"total": sum(pages), "max": max(pages) if pages else 0,
-                      "multi_page_documents": sum(1 for n in pages if n > 1)},
+                      "multi_page_documents": sum(1 for n in pages if n > 1), "pdf_documents": self.pdf_documents},
         }
 
 
@@ -100,6 +101,7 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
             report.problems.append(Problem(r.file, r.line, "image", f"duplicate of an earlier row (same document "
                                            f"'{Path(r.image_names[0]).name}' and prefix)", "warning", "DuplicateRow"))
         report.page_sizes[r.id] = sizes
+        report.pdf_documents += any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources)
         if processor is not None:
             counts = sample_tokens(processor, r, sizes, system_message)
             report.tokens[r.id] = counts

@@ -100,6 +100,8 @@ def format_report(rep: dict[str, Any]) -> str:
         lines += ["", f"[{s}] {e['folder']}"]
         for name, n in e["formats"].items():
             lines.append(f"  format: {name}: {n} row(s)")
+        if e["pages"].get("pdf_documents"):
+            lines.append(f"  PDF documents: {e['pages']['pdf_documents']} (pages rendered at data.max_pixels)")
         if e["pages"]["multi_page_documents"]:
             lines.append(f"  multi-page documents: {e['pages']['multi_page_documents']} (at most {e['pages']['max']} "
                          f"pages)")
