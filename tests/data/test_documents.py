@@ -266,3 +266,24 @@ def test_sample_data_has_two_page_documents_and_pdfs(tmp_path):
     assert {(2, ".pdf"), (2, ".jpg"), (1, ".jpg")} <= set(kinds)
     two = next(r for r in rep.records if len(rep.page_sizes[r.id]) == 2)
     assert "total_cases" in two.suffix and len(two.suffix["products"]) >= 3  # totals are on the last page only
+
+
+def test_a_datasets_folder_of_messages_rows_loads_the_same_samples(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    _, want = _loaded(_roboflow(tmp_path))
+    pages = _table_rows(tmp_path)["pages"]
+    messages = [r["messages"] for r in _messages_rows("messages")]
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "images": datasets.Sequence(datasets.Image())})
+    ds = datasets.Dataset.from_dict({"messages": messages, "images": pages}, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    rep, got = _loaded(tmp_path / "hf")
+    _same(got, want)
+    # a row whose markers do not match its images is named by its index and field
+    messages[1][0]["content"] = "<image><image>" + PROMPT
+    bad = datasets.Dataset.from_dict({"messages": messages, "images": pages}, features=features)
+    datasets.DatasetDict({"train": bad}).save_to_disk(str(tmp_path / "hf2"))
+    rep = check_split(tmp_path / "hf2", "train")
+    assert [r.line for r in rep.records] == [0, 2] and rep.errors[0].line == 1
+    assert rep.errors[0].field == "messages[0].content" and "2 '<image>' marker(s) but the row has 1" in rep.errors[0].message
