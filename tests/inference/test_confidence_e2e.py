@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import swatch, tiny_overrides, write_split
-from test_server import TARGETS, served_run  # noqa: F401 - the module's trained run, shared
+from conftest import swatch
+from test_server import TARGETS, memorise, served_run  # noqa: F401 - the module's trained run, shared
 from qwenvl_tune import api
-from qwenvl_tune.config import build_config
 from qwenvl_tune.inference.server import Extractor, create_app
 
 pytestmark = pytest.mark.slow
@@ -21,15 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def memorised(tiny_dir, tmp_path_factory):
     """The two documents of ``served_run``, learnt until the model is sure of them (loss near 0)."""
-    tmp = tmp_path_factory.mktemp("sure")
-    rows = [{"image": f"{i}.png", "prefix": "extract data in JSON format", "suffix": t} for i, t in enumerate(TARGETS)]
-    imgs = {"0.png": swatch((230, 40, 40), text="O385"), "1.png": swatch((40, 40, 230), text="T147")}
-    for split in ("train", "valid"):
-        write_split(tmp / "mem" / split, rows, imgs)
-    cfg = build_config(None, tiny_overrides(tmp / "mem", tiny_dir, tmp / "runs", **{
-        "model.method": "full", "train.lr": 1e-2, "train.max_epochs": 150, "train.check_val_every_n_epoch": 150,
-        "train.warmup_steps": 5}))
-    return api.train(cfg), tmp / "mem" / "valid"
+    return memorise(tiny_dir, tmp_path_factory.mktemp("sure"), lr=1e-2, epochs=150)
 
 
 def test_memorised_documents_are_confident_and_a_perturbed_one_is_less(memorised, tmp_path):

@@ -28,17 +28,21 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 TARGETS = [{"route": "O385-YZ-713", "dock": "D29"}, {"route": "T147-EH-365", "dock": "D21"}]
 
 
-@pytest.fixture(scope="module")
-def served_run(tiny_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+def memorise(tiny_dir, tmp: Path, lr: float = 3e-3, epochs: int = 80):
+    """A tiny model trained on the two TARGETS documents until it reproduces them; (run, valid folder)."""
     rows = [{"image": f"{i}.png", "prefix": "extract data in JSON format", "suffix": t} for i, t in enumerate(TARGETS)]
     imgs = {"0.png": swatch((230, 40, 40), text="O385"), "1.png": swatch((40, 40, 230), text="T147")}
     for split in ("train", "valid"):
         write_split(tmp / "mem" / split, rows, imgs)
     cfg = build_config(None, tiny_overrides(tmp / "mem", tiny_dir, tmp / "runs", **{
-        "model.method": "full", "train.lr": 3e-3, "train.max_epochs": 80, "train.check_val_every_n_epoch": 80,
+        "model.method": "full", "train.lr": lr, "train.max_epochs": epochs, "train.check_val_every_n_epoch": epochs,
         "train.warmup_steps": 5}))
     return api.train(cfg), tmp / "mem" / "valid"
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_dir, tmp_path_factory):
+    return memorise(tiny_dir, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,14 @@ def _batch(proc, pages: int = 1, vision=None):
     return collate(items, enc.pad_id, left=False, vision=vision)
 
 
+def _same_loss_and_grads(results):
+    (l0, g0), (l1, g1) = results[False], results[True]
+    assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_fast_path_with_two_pages_per_sample_matches_the_plain_path(tiny_family, tmp_path, family):
     """Several images per sample: loader-side rope positions and vision indices, varlen vision attention and
@@ -52,11 +60,7 @@ def test_fast_path_with_two_pages_per_sample_matches_the_plain_path(tiny_family,
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fast_path] = (loss.detach(), grads)
     fattn.register()
-    (l0, g0), (l1, g1) = results[False], results[True]
-    assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
-    assert g0.keys() == g1.keys() and g0
-    for n in g0:
-        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+    _same_loss_and_grads(results)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -85,11 +89,7 @@ def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fast_path] = (loss.detach(), grads)
     fattn.register()
-    (l0, g0), (l1, g1) = results[False], results[True]
-    assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
-    assert g0.keys() == g1.keys() and g0
-    for n in g0:
-        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+    _same_loss_and_grads(results)
     # the vision tower called the varlen function once per layer with the window boundaries
     assert calls and all(calls) and len(calls) == 2  # tiny vision tower: 2 blocks, one call each
 
