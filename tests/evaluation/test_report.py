@@ -63,6 +63,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     out = tmp_path / "eval"
     rows = _rows(tmp_path, 5)
+    rows[1]["images"].append(rows[2]["images"][0])  # a two-page document
     write_outputs(out, "report test", rows, OPTIONS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
@@ -89,6 +90,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert page.locator(".sample").first.get_attribute("data-id") == "valid:4"
         assert page.locator(".sample").first.locator("tr.missing").count() >= 1
         assert "0.png" in page.locator(".sample .meta").nth(1).inner_text()  # samples named by their files
+        two = page.locator('.sample[data-id="valid:2"]')
+        assert two.locator("a.page img").count() == 2 and "2 pages" in two.inner_text()
+        assert "1.png, 2.png" in two.locator(".meta").inner_text()
         # click a scan: it opens full size over the page; Esc closes it
         page.locator(".sample a.page").first.click()
         assert page.locator("#zoom").is_visible()
@@ -102,7 +106,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert page.locator(".sample").count() == 4  # dock is wrong in 0, 2 and 4, missing in the broken 3
         assert page.locator("#count").inner_text() == "4 of 5 samples"
         page.select_option("#f-field", "")
-        page.fill("#f-name", "2.png")
+        page.fill("#f-name", "4.png")
         assert page.locator(".sample").count() == 1
         browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
@@ -132,7 +136,9 @@ def test_a_large_report_pages_and_keeps_its_thumbnails_beside_it(tmp_path):
         assert page.locator("#where").inner_text() == f"page 1 of {-(-len(rows) // PAGE_SIZE)}"
         page.click("#next")
         assert page.locator(".sample .meta").first.inner_text().startswith(f"#{PAGE_SIZE + 1} ")
-        assert page.evaluate("[...document.querySelectorAll('.sample img')].every(i => i.complete && i.naturalWidth > 0)")
+        # the page's thumbnails come from report_files/: every one of them loads
+        page.wait_for_function("[...document.querySelectorAll('.sample img')].every(i => i.complete)", timeout=30_000)
+        assert page.evaluate("[...document.querySelectorAll('.sample img')].every(i => i.naturalWidth > 0)")
         # nothing wider than the screen but the tables' own scrolling
         assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
         page.screenshot(path=str(ARTIFACTS / "report_narrow.png"))

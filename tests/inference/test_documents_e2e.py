@@ -79,5 +79,8 @@ def test_evaluate_scores_two_page_documents_and_the_report_shows_every_page(two_
     pred = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [len(p["images"]) for p in pred] == [2, 2]
     report = (out / "report.html").read_text()
-    assert report.count('class="page"') == 4 and "2 pages" in report
-    assert "doc0_p1.png, doc0_p2.png" in report  # samples named by their files
+    data = json.loads(report.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert [len(s["pages"]) for s in data["samples"]] == [2, 2]  # a thumbnail of every page
+    assert all(src.startswith("data:image/jpeg") for s in data["samples"] for src, _ in s["pages"])
+    assert sorted(s["names"] for s in data["samples"]) == [["doc0_p1.png", "doc0_p2.png"],
+                                                           ["doc1_p1.png", "doc1_p2.png"]]  # named by their files
