@@ -149,3 +149,21 @@ def test_protocol_chooses_what_is_shown_and_metrics_json_keeps_both(tmp_path, ca
     assert "field_f1" in shown["strict"] and not any(m.startswith("donut_") for m in shown["strict"])
     assert shown["both"] == shown["donut"] | shown["strict"]
     assert "donut_field_f1" not in (tmp_path / "strict" / "report.html").read_text().split("<h2>Field accuracy")[0]
+
+
+def test_score_reads_gold_answers_from_messages_rows(tmp_path):
+    import json as _json
+
+    from qwenvl_tune.evaluation.external import read_pairs
+
+    gold = tmp_path / "gold.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "<image><image>extract"},
+                          {"role": "assistant", "content": _json.dumps({"a": str(i)})}],
+             "images": [f"p{i}a.png", f"p{i}b.png"]} for i in range(2)]
+    gold.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text('{"a": "0"}\n{"a": "9"}\n')
+    pairs, notes = read_pairs(pred, gold)
+    assert [p["gold"] for p in pairs] == ['{"a": "0"}', '{"a": "1"}']
+    assert pairs[1]["images"] == [str(tmp_path / "p1a.png"), str(tmp_path / "p1b.png")]
+    assert notes == ["joined by line (not every line has an 'id')"]
