@@ -3,12 +3,13 @@
 # which runs the product's own training step beside the guide's recipe and the benchmark's older copy of the
 # step, all in one process. Everything lands under $OUT (default bench/out); record the benchmark's rows with
 #   python bench/results.py --add $OUT/train_speed_3b.json --run NAME
-# Wheels the machine lacks may be carried in .whl/ (installed to /tmp/site first).
+# Wheels the machine lacks may be carried in .whl/ (or the folder named by WHEELS; installed to /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

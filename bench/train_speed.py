@@ -431,6 +431,82 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     return res
 
 
+def run_trl(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warmup: int) -> dict:
+    """TRL's ``SFTTrainer`` on the same samples in the same process: LoRA r8 on q/v (PEFT), the loss on the answer
+    tokens only (the batches' labels), bf16, its own training loop and loss; ``liger`` turns on its
+    ``use_liger_kernel``. The batches are the benchmark's own (length-grouped, as for qwenvl-tune), handed over by
+    a collator, so only the trainers differ. Timed between the end of the warm-up steps and the last step."""
+    import tempfile as _tf
+
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, TrainerCallback
+    import trl
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    free()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    bs = v["batch"]
+    accum = max(1, 8 // bs)
+    data = batches(samples, bs, sort=True)
+    for b in data:
+        b.pop("position_ids", None)  # TRL's model computes its own rope positions
+        b.pop("answer_positions", None)
+    n_micro = (warmup + steps) * accum
+
+    class Collate:
+        def __init__(self):
+            self.i = 0
+
+        def __call__(self, rows):
+            batch = {k: t for k, t in data[self.i % len(data)].items()
+                     if k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw",
+                              "mm_token_type_ids")}
+            self.i += 1
+            return batch
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            times.append(time.perf_counter())
+
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16 if CUDA else torch.float32,
+                                                        attn_implementation="sdpa")
+    targets = ["q_proj", "v_proj"] if v.get("targets") != "all-linear" else "all-linear"
+    args = SFTConfig(output_dir=_tf.mkdtemp(prefix="trl-"), per_device_train_batch_size=bs,
+                     gradient_accumulation_steps=accum, max_steps=warmup + steps, learning_rate=2e-4,
+                     lr_scheduler_type="constant", bf16=CUDA, use_cpu=not CUDA, logging_steps=10**6,
+                     save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+                     gradient_checkpointing=v.get("gc", False), use_liger_kernel=v.get("liger", False),
+                     dataset_kwargs={"skip_prepare_dataset": True}, max_grad_norm=1.0)
+    # the batches come tokenised; TRL only wants a tokenizer object (the random-init checkpoint has none)
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>")),
+                                        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"idx": list(range(n_micro))}),
+                         data_collator=Collate(), callbacks=[Clock()], processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
+                                                task_type="CAUSAL_LM"))
+    trainer.train()
+    dt = times[-1] - times[warmup - 1]
+    n_samples = steps * accum * bs
+    n_tokens = sum(int(data[(k) % len(data)]["attention_mask"].sum()) for k in range(warmup * accum, n_micro))
+    sample_flops = sum(flops_per_sample(cfg, s, "lora") for s in samples) / len(samples)
+    res = {"name": v["name"], "desc": v["desc"], "step": f"trl {trl.__version__}", "batch": bs,
+           "samples_per_s": n_samples / dt, "tokens_per_s": n_tokens / dt,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
+           "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps * accum}
+    del trainer, model
+    free()
+    return res
+
+
 def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
     """Same batch, same weights: plain and fast paths in bf16 autocast, each against a float32 plain-path reference.
 
@@ -472,6 +548,11 @@ VARIANTS = [
      "desc": "guide, compute dtype fixed to bf16"},
     {"name": "guide_lora_bf16", "method": "lora", "fast": False, "batch": 1, "autocast": False,
      "desc": "guide: bf16 LoRA r=8 q/v, sdpa, batch 1"},
+    # TRL's SFTTrainer (the peer) on the same batches in the same process; its liger variants run with the others last
+    {"name": "trl_lora_b2", "trl": True, "method": "lora", "fast": False, "batch": 2,
+     "desc": "TRL SFTTrainer, LoRA r8 q/v, answer-only loss, batch 2"},
+    {"name": "trl_lora_b2_all_linear", "trl": True, "method": "lora", "fast": False, "batch": 2, "targets": "all-linear",
+     "desc": "TRL SFTTrainer, PEFT all-linear LoRA (vision tower included), batch 2"},
     {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
     {"name": "ours_lora_b1_model_index", "method": "lora", "fast": True, "batch": 1, "loader_index": False,
      "desc": "qwenvl-tune lora, batch 1, rope/vision indices computed by the model each step (before 2026-11-27)"},
@@ -513,6 +594,10 @@ VARIANTS = [
      "card_gib": 80, "desc": "qwenvl-tune lora + liger, train.batch_size=auto with the budget of an 80 GB card"},
     {"name": "ours_lora_auto_liger", "method": "lora", "fast": True, "batch": "auto", "kernels": "liger",
      "desc": "qwenvl-tune lora + liger, train.batch_size=auto on this card"},
+    {"name": "trl_lora_b2_liger", "trl": True, "method": "lora", "fast": False, "batch": 2, "liger": True,
+     "desc": "TRL SFTTrainer with use_liger_kernel, LoRA r8 q/v, batch 2"},
+    {"name": "trl_lora_b4_liger", "trl": True, "method": "lora", "fast": False, "batch": 4, "liger": True,
+     "desc": "TRL SFTTrainer with use_liger_kernel, LoRA r8 q/v, batch 4"},
     {"name": "ours_lora_b2_two_page", "method": "lora", "fast": True, "batch": 2, "pages": 2,
      "desc": "qwenvl-tune lora, batch 2, two-page documents (no Triton kernels: also runs on a CPU)"},
     {"name": "ours_lora_b2_liger_two_page", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pages": 2,
@@ -624,8 +709,13 @@ def main() -> int:
             by_pages[pages] = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny, pages)
             results["env"][f"mean_seq_{pages}_pages"] = sum(len(s.input_ids) for s in by_pages[pages]) / args.samples
         try:
-            r = {**run_variant(v, ckpt, cfg, by_pages[pages], args.steps, args.warmup), "round": v["round"],
-                 "pages": pages}
+            runner = run_trl if v.get("trl") else run_variant
+            if v.get("trl"):  # TRL counts optimizer steps: the micro-batch counts of the others, divided
+                accum = max(1, 8 // v["batch"])
+                steps, warm = max(1, args.steps // accum), max(1, args.warmup // accum)
+            else:
+                steps, warm = args.steps, args.warmup
+            r = {**runner(v, ckpt, cfg, by_pages[pages], steps, warm), "round": v["round"], "pages": pages}
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
             traceback.print_exc()
             r = {"name": v["name"], "desc": v["desc"], "error": f"{type(e).__name__}: {str(e)[:300]}"}
