@@ -475,7 +475,11 @@ def run_trl(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warmup: 
 
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16 if CUDA else torch.float32,
                                                         attn_implementation="sdpa")
-    targets = ["q_proj", "v_proj"] if v.get("targets") != "all-linear" else "all-linear"
+    # q/v; PEFT's all-linear (every linear layer, the vision tower's too); or every linear layer of the language
+    # model only, the set qwenvl-tune's all-linear adapts (a regex PEFT matches against full module names)
+    targets = {"all-linear": "all-linear",
+               "lm-linear": r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"}.get(
+        v.get("targets"), ["q_proj", "v_proj"])
     args = SFTConfig(output_dir=_tf.mkdtemp(prefix="trl-"), per_device_train_batch_size=bs,
                      gradient_accumulation_steps=accum, max_steps=warmup + steps, learning_rate=2e-4,
                      lr_scheduler_type="constant", bf16=CUDA, use_cpu=not CUDA, logging_steps=10**6,
@@ -553,6 +557,8 @@ VARIANTS = [
      "desc": "TRL SFTTrainer, LoRA r8 q/v, answer-only loss, batch 2"},
     {"name": "trl_lora_b2_all_linear", "trl": True, "method": "lora", "fast": False, "batch": 2, "targets": "all-linear",
      "desc": "TRL SFTTrainer, PEFT all-linear LoRA (vision tower included), batch 2"},
+    {"name": "trl_lora_b2_lm_linear", "trl": True, "method": "lora", "fast": False, "batch": 2, "targets": "lm-linear",
+     "desc": "TRL SFTTrainer, LoRA on every linear layer of the language model (qwenvl-tune's all-linear set), batch 2"},
     {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
     {"name": "ours_lora_b1_model_index", "method": "lora", "fast": True, "batch": 1, "loader_index": False,
      "desc": "qwenvl-tune lora, batch 1, rope/vision indices computed by the model each step (before 2026-11-27)"},
