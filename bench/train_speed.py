@@ -559,6 +559,8 @@ VARIANTS = [
      "desc": "TRL SFTTrainer, PEFT all-linear LoRA (vision tower included), batch 2"},
     {"name": "trl_lora_b2_lm_linear", "trl": True, "method": "lora", "fast": False, "batch": 2, "targets": "lm-linear",
      "desc": "TRL SFTTrainer, LoRA on every linear layer of the language model (qwenvl-tune's all-linear set), batch 2"},
+    {"name": "ours_lora_b2_all_linear", "method": "lora", "fast": True, "batch": 2, "targets": "all-linear",
+     "desc": "qwenvl-tune lora, batch 2, all-linear on the language model, no Triton kernels"},
     {"name": "ours_lora_b1", "method": "lora", "fast": True, "batch": 1, "desc": "qwenvl-tune lora, batch 1"},
     {"name": "ours_lora_b1_model_index", "method": "lora", "fast": True, "batch": 1, "loader_index": False,
      "desc": "qwenvl-tune lora, batch 1, rope/vision indices computed by the model each step (before 2026-11-27)"},
