@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .config import Config, build_config
 from .data.check import check_split
-from .data.documents import FileSource, PageLimits, load_pages
+from .data.documents import PageLimits, load_files
 from .data.formats import Columns
 from .evaluation.report import read_predictions, write_outputs
 from .inference.session import Predictor
@@ -98,7 +98,7 @@ def predict(run_dir: str | Path, images: Sequence[str | Path | Sequence[str | Pa
     loaded: list[tuple[int, Any]] = []
     for i, d in enumerate(docs):
         try:
-            loaded.append((i, load_pages([FileSource(Path(x)) for x in d], limits)))
+            loaded.append((i, load_files(d, limits)))
         except Exception as e:  # noqa: BLE001 - reported per input, the others still run
             rows[i]["error"] = str(e)
     if not loaded:

@@ -51,11 +51,13 @@ class SplitReport:
         }
 
 
-def _check_pages(r: Record, limits: PageLimits) -> tuple[Record, list[tuple[int, int]] | None, DataError | None]:
+def _check_pages(r: Record, limits: PageLimits) -> tuple[Record, list[tuple[int, int]] | None, bool, DataError | None]:
+    """(record, page sizes, whether a file of it is a PDF, error)."""
     try:
-        return r, [im.size for im in load_pages(r.sources, limits, r.where)], None
+        sizes = [im.size for im in load_pages(r.sources, limits, r.where)]
     except DataError as e:
-        return r, None, e
+        return r, None, False, e
+    return r, sizes, any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources), None
 
 
 def sample_tokens(processor: Any, r: Record, sizes: list[tuple[int, int]], system_message: str | None
@@ -90,7 +92,7 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
     seen: Counter = Counter()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checked = list(pool.map(lambda r: _check_pages(r, limits), read.records))
-    for r, sizes, err in checked:
+    for r, sizes, pdf, err in checked:
         if err is not None:
             report.problems.append(Problem.from_error(err))
             continue
@@ -101,7 +103,7 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
             report.problems.append(Problem(r.file, r.line, "image", f"duplicate of an earlier row (same document "
                                            f"'{Path(r.image_names[0]).name}' and prefix)", "warning", "DuplicateRow"))
         report.page_sizes[r.id] = sizes
-        report.pdf_documents += any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources)
+        report.pdf_documents += pdf
         if processor is not None:
             counts = sample_tokens(processor, r, sizes, system_message)
             report.tokens[r.id] = counts

@@ -97,17 +97,6 @@ def _where(where: tuple[str | None, int | None], name: str) -> tuple[str, int | 
     return (where[0] or name), where[1]
 
 
-def pdf_page_count(data: bytes, name: str, where: tuple[str | None, int | None] = (None, None),
-                   field: str = "image") -> int:
-    """Pages of a PDF (opened, not rendered); raises ``ImageError`` for an unusable one."""
-    with _PDFIUM:
-        pdf = _open_pdf(data, name, where, field)
-        try:
-            return len(pdf)
-        finally:
-            pdf.close()
-
-
 def _open_pdf(data: bytes, name: str, where: tuple[str | None, int | None], field: str) -> Any:
     import pypdfium2 as pdfium
 
@@ -202,8 +191,7 @@ def load_pages(sources: Sequence[Source], limits: PageLimits, where: tuple[str |
     """A document's pages in order: each source's pages, one after the other, at most ``limits.max_pages``."""
     pages: list[Image.Image] = []
     for k, source in enumerate(sources):
-        field = "images" if len(sources) > 1 else "image"
-        field = f"{field}[{k}]" if len(sources) > 1 else field
+        field = f"images[{k}]" if len(sources) > 1 else "image"
         pages += load_document(source, limits, where, field, first_page=len(pages) + 1)
         if len(pages) > limits.max_pages:
             file, line = _where(where, source.name)
@@ -212,10 +200,9 @@ def load_pages(sources: Sequence[Source], limits: PageLimits, where: tuple[str |
     return pages
 
 
-def page_sizes(sources: Sequence[Source], limits: PageLimits, where: tuple[str | None, int | None] = (None, None)
-               ) -> list[tuple[int, int]]:
-    """The (width, height) of each page as the model would see it, for the data check."""
-    return [im.size for im in load_pages(sources, limits, where)]
+def load_files(paths: Sequence[str | Path], limits: PageLimits) -> list[Image.Image]:
+    """The pages of a document given as file paths (images and PDFs), in order."""
+    return load_pages([FileSource(Path(p)) for p in paths], limits)
 
 
 def pdf_bytes_from_images(pages: Sequence[Image.Image]) -> bytes:

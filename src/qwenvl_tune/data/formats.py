@@ -241,12 +241,13 @@ def _read_table(split: str, tables: list[tuple[Path, str]], columns: Columns) ->
         unused = [c for c in table.column_names if c not in used]
         # image cells are only looked at (not decoded) here: the page images stay in the table
         images = table.column(image_col)
+        cell_of = _image_cell if _is_image_type(images.type) else (lambda scalar: scalar.as_py())
         others = table.select([c for c in (answer_col, prompt_col, convo) if c] +
                               (["system"] if convo and "system" in table.column_names else [])).to_pylist()
         for i in range(table.num_rows):
             out.rows += 1
             try:
-                cell = images[i].as_py() if not _is_image_type(images.type) else _image_cell(images[i])
+                cell = cell_of(images[i])
                 sources = _cells(cell, name, kind, i, image_col, columns.max_pages)
                 values = others[i]
                 if convo:

@@ -235,8 +235,9 @@ def _content_text(content: Any, file: str, line: int, field: str) -> tuple[str, 
             text.append(part["text"])
         elif kind in ("image", "image_url"):
             text.append(IMAGE_MARKER)
-            path = part.get("image") or (part.get("image_url") or {}).get("url") if kind == "image_url" \
-                else part.get("image")
+            path = part.get("image")
+            if kind == "image_url":
+                path = path or (part.get("image_url") or {}).get("url")
             if path is not None:
                 inline.append(path)
         else:

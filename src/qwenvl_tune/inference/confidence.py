@@ -16,6 +16,8 @@ import json
 import math
 from typing import Any, Sequence
 
+from ..evaluation.metrics import parse_json
+
 
 class _Walker:
     """Character spans of the leaf values of a JSON text (strict JSON; anything else raises ValueError)."""
@@ -156,8 +158,6 @@ def document_confidence(fields: dict[str, float] | None) -> float | None:
 def confidence_of(generation: Any, tokenizer: Any) -> dict[str, Any] | None:
     """``{"document": p, "fields": {path: p}}`` of a generation made with ``logprobs``; None without them, for an
     answer cut off at ``max_new_tokens``, or when its text is not valid JSON (as ``extraction_result`` judges it)."""
-    from ..evaluation.metrics import parse_json
-
     if generation.logprobs is None or generation.truncated or not parse_json(generation.text)[0]:
         return None
     fields = field_confidences(generation.text, generation.token_ids, generation.logprobs, tokenizer)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..config import Config, ModelConfig
 from ..data.collate import Encoder, GenerateCollator, Pages, RecordDataset, collate
-from ..data.documents import FileSource, PageLimits, load_pages
+from ..data.documents import PageLimits, load_files
 from ..data.records import Record
 from ..evaluation.metrics import parse_json
 from ..modeling.generate import Generation, Sampling, generate, stop_token_ids
@@ -214,8 +214,7 @@ class Predictor:
     def load_pages(self, paths: str | Path | Sequence[str | Path]) -> list[Image.Image]:
         """A document's pages from its files (images, PDFs), under the run's limits (``data.max_image_pixels``,
         ``data.max_pages``; PDF pages rendered at ``data.max_pixels``)."""
-        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        return load_pages([FileSource(Path(p)) for p in paths], self.limits)
+        return load_files([paths] if isinstance(paths, (str, Path)) else list(paths), self.limits)
 
     def close(self) -> None:
         """Drop the model and hand cached GPU memory back (before loading the next one)."""

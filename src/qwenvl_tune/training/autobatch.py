@@ -10,6 +10,7 @@ is put back afterwards, so a run with ``auto`` is the same run as one given the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,21 +85,13 @@ def probe_batch_size(fabric: Any, module: Any, optimizer: Any, batches: Callable
             del batch
             torch.cuda.empty_cache()
 
-    contexts = fast.training(module.module.model) if fast is not None else _null()
+    contexts = fast.training(module.module.model) if fast is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[device]), contexts:
         probe = choose(try_batch, total * fraction, limit)
     if fabric.world_size > 1:  # every rank trains with the same size: the smallest any of them chose
         chosen = fabric.all_gather(torch.tensor(probe.chosen, device=device))
         probe.chosen = int(chosen.min())
     return probe
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def accumulation_for(batch_size: int, samples_per_step: int = SAMPLES_PER_STEP) -> int:
