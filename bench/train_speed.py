@@ -200,7 +200,8 @@ def resolve_fast(v: dict, config, hf_config):
     fast = FastPath.resolve(config.model, hf_config, autocast=v.get("autocast", True) and CUDA, cuda=CUDA)
     flags = {"align_vision_mlp": v.get("align", True), "liger_rms_norm": v.get("liger_rms_norm", True),
              "lora_bf16_inputs": not v.get("lora_input_cast", False), "loader_indices": v.get("loader_index", True),
-             "chunked_loss": v.get("chunked", True)}
+             "chunked_loss": v.get("chunked", True), "native_rms_norm": v.get("native_rms_norm", True),
+             "frozen_vision_attention": v.get("vision_module", True)}
     return fast.replace(**{k: getattr(fast, k) and on for k, on in flags.items()})
 
 
@@ -376,6 +377,8 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
                 opt.zero_grad(set_to_none=True)
             return loss
 
+    if v.get("warm_epoch"):  # one whole pass first: the timed batches are ones already seen (shapes included)
+        warmup = len(data)
     for i in range(warmup):
         step(i)
     sync()
@@ -591,6 +594,19 @@ VARIANTS = [
      "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped (the defaults), the product's step"},
     {"name": "ours_lora_b2_liger_bench_copy", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "loop": "copy", "desc": "the same, through the benchmark's own copy of the step (before 2026-12-02)"},
+    # before 2026-12-02 evening: Liger's RMSNorm, the library's vision attention with its element-wise rotary
+    {"name": "ours_lora_b2_liger_before_native_norm", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "native_rms_norm": False, "vision_module": False,
+     "desc": "the defaults before 2026-12-02 evening: Liger's RMSNorm, the library's vision attention and rotary"},
+    {"name": "ours_lora_b2_liger_no_vision_module", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "vision_module": False, "desc": "the defaults without the frozen vision attention module (the library's rotary)"},
+    {"name": "ours_lora_b2_liger_seen_shapes", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "warm_epoch": True, "desc": "the defaults, timed on a second pass over the same batches (every shape seen)"},
+    {"name": "ours_lora_b2_liger_pad64", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pad_to": 64,
+     "desc": "the defaults, lengths rounded up to a multiple of 64"},
+    {"name": "ours_lora_auto_liger_80gb_before_native_norm", "method": "lora", "fast": True, "batch": "auto",
+     "kernels": "liger", "card_gib": 80, "native_rms_norm": False, "vision_module": False,
+     "desc": "train.batch_size=auto, 80 GB budget, before 2026-12-02 evening (Liger RMSNorm, library vision attention)"},
     {"name": "ours_qlora_b2_liger", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
@@ -666,7 +682,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--no-numerics", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
+    ap.add_argument("--profile", default="", help="variants (comma-separated names, or 'all') to profile with "
+                                                 "torch.profiler over two micro-batches")
     ap.add_argument("--sync-audit", action="store_true",
                     help="count the host-GPU synchronisations of one micro-step per variant, by call site")
     ap.add_argument("--repeat", type=int, default=1,
@@ -696,7 +713,9 @@ def main() -> int:
     print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
     # --variants none: only the numerics check
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
-    chosen = [{**v, "profile": args.profile, "sync_audit": args.sync_audit} for v in chosen]
+    profiled = set(args.profile.split(",")) if args.profile else set()
+    chosen = [{**v, "profile": "all" in profiled or v["name"] in profiled, "sync_audit": args.sync_audit}
+              for v in chosen]
     if args.repeat > 1 and len({v.get("kernels", "none") for v in chosen}) > 1:
         # Liger patches classes process-wide: a later round's plain variants would run patched.
         ap.error("--repeat needs variants that all use the same model.kernels")

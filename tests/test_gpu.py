@@ -258,3 +258,52 @@ def test_non_finite_step_is_skipped_on_the_device_and_named_before_anything_is_w
         api.train(cfg)
     ckpt = RunDir(tmp_path / "run").latest_resumable()
     assert json.loads((ckpt / MARKER).read_text())["global_step"] == 4
+
+
+def test_frozen_vision_attention_with_liger_rotary_matches_the_library_tower(tiny_dir):
+    """The swapped vision attention with Liger's rotary kernel gives the library tower's logits in bf16 (the rotary
+    is computed in float32 either way and rounded once)."""
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_tune.modeling.attention import enable_fast_vision_attention, swap_frozen_vision_attention
+
+    inputs, _ = _two_sample_batch(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
+    enable_fast_vision_attention(model)
+    with torch.no_grad():
+        before = model(**inputs).logits.float()
+        assert swap_frozen_vision_attention(model, rope="liger") > 0
+        after = model(**inputs).logits.float()
+    assert not torch.equal(before, torch.zeros_like(before))
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_rms_norm_is_one_kernel_each_way_and_matches_the_library_on_gpu(tiny_dir):
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_tune.modeling import kernels as fk
+
+    assert fk.native_rms_norm_available()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
+    lib = next(m for m in model.modules() if type(m).__name__ in fk.RMS_NORM_CLASSES)
+    fused = fk.FusedRMSNorm(lib)
+    x = torch.randn(2, 300, lib.weight.numel(), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = lib(x)
+        out = fused(x)  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA]) as fwd:
+            out = fused(x)
+            torch.cuda.synchronize()
+    grad = torch.ones_like(out)
+    with profile(activities=[ProfilerActivity.CUDA]) as bwd:
+        out.backward(grad)
+        torch.cuda.synchronize()
+    kernels = lambda p: [e.name for e in p.events() if e.device_type == DeviceType.CUDA]  # noqa: E731
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    assert len(kernels(fwd)) == 1, kernels(fwd)
+    # the input's gradient in one kernel; the weight's (a parameter here) in at most two more
+    assert len(kernels(bwd)) <= 3, kernels(bwd)

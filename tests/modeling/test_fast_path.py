@@ -64,9 +64,10 @@ def test_fast_path_with_two_pages_per_sample_matches_the_plain_path(tiny_family,
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
+def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method, monkeypatch):
     results = {}
     calls = []
+    original = fattn.varlen_attention_forward
     for fast_path in (False, True):
         cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{
             "model.fast_path": fast_path, "model.method": method, "lora.target_modules": "all-linear",
@@ -77,7 +78,9 @@ def test_fast_path_matches_plain_loss_and_grads(tiny_dir, tmp_path, method):
         if fast_path:
             def counting(*a, **k):
                 calls.append(k.get("cu_seq_lens_q") is not None)
-                return fattn.varlen_attention_forward(*a, **k)
+                return original(*a, **k)
+            # the frozen tower's attention module calls it directly (the library's module, through the registry)
+            monkeypatch.setattr(fattn, "varlen_attention_forward", counting)
             AttentionInterface.register(fattn.VARLEN_ATTENTION, counting)
         batch = _batch(proc)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -286,3 +289,81 @@ def test_flash_sdpa_switch_is_restored(monkeypatch):
     with flash_sdpa(True):
         assert state["cudnn"] is False
     assert state["cudnn"] is True
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_frozen_vision_attention_module_computes_the_library_tower_exactly(tiny_family, tmp_path, family):
+    """The swapped attention (same qkv/proj parameters, the library's rotary, one varlen call) gives the library
+    tower's image features bit for bit on two pages, keeps the state-dict keys, and is found in every block."""
+    from qwenvl_tune.data.positions import VisionIndex
+
+    ckpt = tiny_family(family)
+    cfg = build_config(None, tiny_overrides(tmp_path, ckpt, tmp_path, **{
+        "data.min_pixels": 16 * 28 * 28, "data.max_pixels": 64 * 28 * 28}))
+    proc = load_processor(ckpt, cfg.data.min_pixels, cfg.data.max_pixels)
+    model = load_base_model(cfg.model)
+    fattn.enable_fast_vision_attention(model)
+    batch = _batch(proc, pages=2, vision=VisionIndex.for_config(model.config))
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs.update({k: v for k, v in batch.items() if k == "position_ids" or k.startswith("image_")
+                   and k != "image_grid_thw"})
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        before = model(**inputs).logits
+    tower = falign.vision_tower(model)
+    assert fattn.swap_frozen_vision_attention(model) == len(tower.blocks) > 0
+    assert fattn.swap_frozen_vision_attention(model) == 0  # already swapped
+    assert all(isinstance(b.attn, fattn.FrozenVisionAttention) for b in tower.blocks)
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+
+
+def test_frozen_vision_attention_is_on_for_a_frozen_tower_only(tiny_dir, tmp_path):
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path))
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    assert all(isinstance(b.attn, fattn.FrozenVisionAttention) for b in falign.vision_tower(model).blocks)
+    trained = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{"model.train_vision": True}))
+    model = prepare_for_training(load_base_model(trained.model), trained)
+    assert not any(isinstance(b.attn, fattn.FrozenVisionAttention) for b in falign.vision_tower(model).blocks)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_fused_rms_norm_computes_the_library_norm(tiny_family, family):
+    """PyTorch's rms_norm behind the swapped module: the library's values (float32: to rounding; bf16: to the
+    last bit of the double rounding the library does), the same gradients, the same state-dict keys, and
+    bf16 out under autocast as the library's module gives (autocast would otherwise run it in float32)."""
+    from qwenvl_tune.modeling import kernels as fk
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family(family), dtype=torch.float32)
+    norms = [(n, m) for n, m in model.named_modules() if type(m).__name__ in fk.RMS_NORM_CLASSES]
+    assert norms, "the tiny model has RMSNorm modules"
+    keys = set(model.state_dict())
+    name, lib = norms[0]
+    with torch.no_grad():
+        lib.weight.copy_(torch.linspace(0.5, 1.5, lib.weight.numel()))
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, lib.weight.numel(), requires_grad=True)
+    ref = lib(x)
+    ref.square().sum().backward()
+    ref_grad, x.grad = x.grad.clone(), None
+    assert fk.use_fused_rms_norm(model) == len(norms)
+    assert set(model.state_dict()) == keys
+    fused = model.get_submodule(name)
+    assert isinstance(fused, fk.FusedRMSNorm) and fused.weight is lib.weight
+    out = fused(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+    lib16, fused16 = lib.to(torch.bfloat16), fk.FusedRMSNorm(lib.to(torch.bfloat16))
+    xb = x.detach().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused16(xb)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), lib16(xb).float(), rtol=1.6e-2, atol=1e-2)
+    # mixed dtypes (a float32 weight on a bf16 input, as k-bit preparation leaves it) take the library's arithmetic
+    mixed = fk.FusedRMSNorm(lib.float())
+    assert torch.equal(mixed(xb), lib.float()(xb))

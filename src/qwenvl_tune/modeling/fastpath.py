@@ -16,7 +16,10 @@ Each trick computes the plain path's numbers with less waste (equivalence tests 
 - ``lora_bf16_inputs``: under autocast, LoRA branches take the bf16 input instead of PEFT's float32 copy
   (PEFT's own ``disable_input_dtype_casting``);
 - ``flash_sdpa``: PyTorch's cuDNN attention backend (high host cost per call) stays out of training;
-- ``kernels``: liger-kernel's fused Triton kernels (``kernels.py``), with ``liger_rms_norm`` separately.
+- ``kernels``: liger-kernel's fused Triton kernels (``kernels.py``), with ``liger_rms_norm`` separately;
+- ``native_rms_norm``: PyTorch's fused CUDA RMSNorm in place of the library's (and of Liger's) (``kernels.py``);
+- ``frozen_vision_attention``: a frozen tower's attention as one module: qkv, rotary (Liger's kernel with
+  ``kernels: liger``), one varlen call, proj (``attention.py``).
 
 Benchmarks ablate a trick by ``fast.replace(align_vision_mlp=False)``; nothing is patched.
 """
@@ -48,20 +51,23 @@ class FastPath:
     flash_sdpa: bool = True
     kernels: str = "none"  # "liger" or "none", resolved
     liger_rms_norm: bool = True
+    native_rms_norm: bool = False
+    frozen_vision_attention: bool = True
     notes: tuple[str, ...] = ()  # why a trick that could apply is off
 
     @classmethod
     def off(cls, kernels: str = "none") -> "FastPath":
         """The plain path (``model.fast_path=false``); fused kernels are a separate choice (``model.kernels``)."""
         return cls(vision_varlen=False, align_vision_mlp=False, loader_indices=False, answer_only_loss=False,
-                   chunked_loss=False, lora_bf16_inputs=False, flash_sdpa=False, kernels=kernels)
+                   chunked_loss=False, lora_bf16_inputs=False, flash_sdpa=False, kernels=kernels,
+                   frozen_vision_attention=False)
 
     @classmethod
     def resolve(cls, model_cfg: ModelConfig, hf_config: Any, *, train_vision: bool | None = None, fsdp: bool = False,
                 autocast: bool = False, cuda: bool | None = None) -> "FastPath":
         """Decide every flag from the model settings, the checkpoint's config and how training runs."""
         from ..data.positions import VisionIndex
-        from .kernels import resolve_kernels
+        from .kernels import native_rms_norm_available, resolve_kernels
 
         cuda = torch.cuda.is_available() if cuda is None else cuda
         train_vision = model_cfg.train_vision if train_vision is None else train_vision
@@ -83,8 +89,12 @@ class FastPath:
             notes.append("LoRA inputs keep PEFT's cast: no autocast (mixed precision) to make it redundant")
         if fsdp:
             notes.append("loss not chunked: FSDP's root does not allow calling the head outside its forward")
+        native = cuda and native_rms_norm_available()
+        if cuda and not native:
+            notes.append("RMSNorm not fused by PyTorch: this PyTorch has no fused CUDA kernel (2.8 or later has)")
         return cls(align_vision_mlp=align, loader_indices=loader, chunked_loss=not fsdp, lora_bf16_inputs=autocast,
-                   flash_sdpa=cuda, kernels=kernels, notes=tuple(notes))
+                   flash_sdpa=cuda, kernels=kernels, native_rms_norm=native, frozen_vision_attention=not train_vision,
+                   notes=tuple(notes))
 
     def replace(self, **flags: Any) -> "FastPath":
         return dataclasses.replace(self, **flags)
@@ -100,15 +110,23 @@ class FastPath:
         including a line for a trick that should have applied and found nothing to act on."""
         from .align import align_vision_mlp
         from .attention import enable_fast_vision_attention
-        from .kernels import apply_kernels
+        from .attention import swap_frozen_vision_attention
+        from .kernels import apply_kernels, use_fused_rms_norm
 
         done = []
         if self.kernels != "none":
-            apply_kernels(model, self.kernels, rms_norm=self.liger_rms_norm)
-            done.append(f"kernels: {self.kernels}" + ("" if self.liger_rms_norm else " (without RMSNorm)"))
+            liger_norm = self.liger_rms_norm and not self.native_rms_norm
+            apply_kernels(model, self.kernels, rms_norm=liger_norm)
+            done.append(f"kernels: {self.kernels}" + ("" if liger_norm else " (without its RMSNorm)"))
+        if self.native_rms_norm:
+            done.append(f"RMSNorm: {use_fused_rms_norm(model)} modules on PyTorch's fused kernel")
         if self.vision_varlen:
             done.append("vision attention: one varlen kernel" if enable_fast_vision_attention(model)
                         else "vision attention: no vision tower found; left as it was")
+            if self.frozen_vision_attention:
+                rope = "liger" if self.kernels == "liger" else "plain"
+                n = swap_frozen_vision_attention(model, rope)
+                done.append(f"vision attention: {n} frozen blocks as one module" + (" (Liger rotary)" if rope == "liger" and n else ""))
         if self.align_vision_mlp:
             n = align_vision_mlp(model)
             family = getattr(getattr(model, "config", None), "model_type", None)

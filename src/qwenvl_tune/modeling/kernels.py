@@ -1,4 +1,5 @@
-"""Optional fused GPU kernels for training: liger-kernel's Triton RMSNorm, SwiGLU and rotary embeddings.
+"""Fused GPU kernels for training: PyTorch's own fused RMSNorm, and liger-kernel's Triton SwiGLU and rotary
+embeddings (and its RMSNorm where PyTorch has none).
 
 ``model.kernels: liger`` swaps these modules of an already loaded Qwen-VL model for Liger's fused
 versions (the element-wise work that the profiles in bench/results show taking ~40% of GPU time,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 from ..config import ConfigError
 
@@ -61,3 +63,58 @@ def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True) -
     getattr(liger, LIGER_PATCHES[model_type])(rope=True, rms_norm=rms_norm, cross_entropy=False,
                                               fused_linear_cross_entropy=False, model=model)
     return True
+
+
+def native_rms_norm_available() -> bool:
+    """Whether this PyTorch has a fused CUDA RMSNorm (forward and backward in one kernel each) behind
+    ``torch.nn.functional.rms_norm`` (PyTorch >= 2.8)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_rms_norm", "CUDA"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """The RMSNorm of Qwen's language models and Qwen2.5-VL's vision tower (``weight * x / rms(x)``, statistics in
+    float32), through ``torch.nn.functional.rms_norm``: on CUDA one fused kernel each way, launched from C++.
+
+    Liger's Triton RMSNorm computes the same with ~100-250 us of Python and launch work per call on the host
+    (bench/results: 137 calls a step with the 3B model), which the host-bound batch-2 step waits on. The module
+    keeps the published one's ``weight`` parameter (same state-dict key) and epsilon. The product is taken in
+    float32 and rounded once (the library rounds the normalised input to the weight's dtype first, then again
+    after the product: values differ in the last bf16 bit). Autocast is kept off for the call, as the library's
+    module computes in the input's dtype and autocast would run ``rms_norm`` in float32.
+    """
+
+    def __init__(self, source: torch.nn.Module):
+        super().__init__()
+        self.weight = source.weight
+        self.variance_epsilon = float(getattr(source, "variance_epsilon", getattr(source, "eps", 1e-6)))
+        self._shape = (self.weight.shape[-1],)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype != self.weight.dtype:  # the library's mixed-dtype arithmetic, step by step
+            h = hidden_states.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * h.to(hidden_states.dtype)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return F.rms_norm(hidden_states, self._shape, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{self._shape[0]}, eps={self.variance_epsilon}"
+
+
+# The library's RMSNorm classes of the supported families: x * rsqrt(mean(x^2) + eps) * weight, nothing else
+# (Gemma-style 1 + weight or other variants are not in this list and are never swapped).
+RMS_NORM_CLASSES = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2VLRMSNorm", "Qwen3VLTextRMSNorm", "Qwen3RMSNorm")
+
+
+def use_fused_rms_norm(model: torch.nn.Module) -> int:
+    """Swap every RMSNorm module of a known class for ``FusedRMSNorm``. Returns how many were swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in RMS_NORM_CLASSES and isinstance(getattr(child, "weight", None), torch.nn.Parameter):
+                setattr(parent, name, FusedRMSNorm(child))
+                swapped += 1
+    return swapped
