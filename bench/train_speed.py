@@ -144,10 +144,10 @@ def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to
     # sample of the lengths, not the N shortest batches (which understated peak memory until 2026-11-27 evening)
     random.Random(1).shuffle(groups)
     vision = VisionIndex.for_config(cfg) if cfg is not None else None
-    return [collate_samples([samples[i] for i in g], vision, pad_to) for g in groups]
+    return [collate_samples([samples[i] for i in g], vision, pad_to, rows=g) for g in groups]
 
 
-def collate_samples(group: list[Sample], vision=None, pad_to: int = 1) -> dict:
+def collate_samples(group: list[Sample], vision=None, pad_to: int = 1, rows: list[int] | None = None) -> dict:
     from qwenvl_tune.data.collate import collate
     from qwenvl_tune.data.positions import mrope_positions
 
@@ -155,6 +155,9 @@ def collate_samples(group: list[Sample], vision=None, pad_to: int = 1) -> dict:
               "position_ids": mrope_positions(s.input_ids, s.grid, IMAGE, 2),
               # newer transformers compute mrope positions only when told which tokens are image tokens
               "mm_token_type_ids": (s.input_ids == IMAGE).long()} for s in group]
+    if rows is not None:  # the samples' rows, as the trainer's dataset gives them (the image feature cache's keys)
+        for item, row in zip(items, rows):
+            item["index"] = row
     return collate(items, PAD, left=False, vision=vision, pad_to_multiple_of=pad_to)
 
 
@@ -213,6 +216,8 @@ def variant_config(v: dict, ckpt: str, accum: int = 1):
                  "train.accumulate_grad_batches": accum, "train.lr": 2e-4, "train.warmup_steps": 0,
                  "train.gradient_clip_val": 1.0, "train.precision": "bf16-mixed" if CUDA else "32-true",
                  "train.accelerator": "cuda" if CUDA else "cpu"}
+    if not v.get("image_cache", True):
+        overrides["train.image_cache_gib"] = 0
     if "lora_dropout" in v:
         overrides["lora.dropout"] = v["lora_dropout"]
     if "targets" in v:
@@ -269,7 +274,9 @@ def product_loop(v: dict, ckpt: str, cfg, accum: int):
 
     model, config, fast = load_variant(v, ckpt, cfg, accum)
     fabric = Fabric(accelerator=config.train.accelerator, devices=1, precision=config.train.precision)
-    module = fabric.setup_module(TrainStep(model, fast))
+    from qwenvl_tune.training.run import _feature_cache
+
+    module = fabric.setup_module(TrainStep(model, fast, _feature_cache(model, config, fast, fabric)))
     params = [p for p in module.parameters() if p.requires_grad]
     opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=config.train.lr))
     loop = Loop(fabric, module, opt, build_scheduler(opt, config, 10**6), None, None, None, None, config, Progress(),
@@ -601,7 +608,20 @@ VARIANTS = [
     {"name": "ours_lora_b2_liger_no_vision_module", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "vision_module": False, "desc": "the defaults without the frozen vision attention module (the library's rotary)"},
     {"name": "ours_lora_b2_liger_seen_shapes", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "warm_epoch": True, "desc": "the defaults, timed on a second pass over the same batches (every shape seen)"},
+     "warm_epoch": True, "image_cache": False,
+     "desc": "the defaults without the image feature cache, timed on a second pass over the same batches (every "
+             "shape seen)"},
+    {"name": "ours_lora_b2_liger_later_epoch", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "warm_epoch": True, "desc": "the defaults in a later epoch: a second pass over the same batches, the frozen "
+                                 "tower's output kept from the first (train.image_cache_gib)"},
+    {"name": "ours_lora_auto_liger_80gb_later_epoch", "method": "lora", "fast": True, "batch": "auto",
+     "kernels": "liger", "card_gib": 80, "warm_epoch": True,
+     "desc": "train.batch_size=auto, 80 GB budget, in a later epoch (image features kept from the first)"},
+    {"name": "ours_qlora_b2_liger_later_epoch", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "warm_epoch": True, "desc": "qlora defaults in a later epoch (image features kept from the first)"},
+    {"name": "ours_lora_b2_liger_all_linear_later_epoch", "method": "lora", "fast": True, "batch": 2,
+     "kernels": "liger", "targets": "all-linear", "warm_epoch": True,
+     "desc": "all-linear LoRA (language model), Liger, batch 2, in a later epoch (image features kept)"},
     {"name": "ours_lora_b2_liger_pad64", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pad_to": 64,
      "desc": "the defaults, lengths rounded up to a multiple of 64"},
     {"name": "ours_lora_auto_liger_80gb_before_native_norm", "method": "lora", "fast": True, "batch": "auto",

@@ -253,7 +253,9 @@ def test_non_finite_step_is_skipped_on_the_device_and_named_before_anything_is_w
     monkeypatch.setattr(collate_mod, "collate", nan_collate)
     cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
         "model.dtype": "bfloat16", "train.precision": "bf16-mixed", "train.accelerator": "gpu", "train.max_epochs": 3,
-        "train.lr": 1e-3, "train.checkpoint_every_n_steps": 1, "train.check_val_every_n_epoch": 10}))
+        "train.lr": 1e-3, "train.checkpoint_every_n_steps": 1, "train.check_val_every_n_epoch": 10,
+        # the NaN batch is in the second epoch, where the image feature cache would keep the pixels out
+        "train.image_cache_gib": 0}))
     with pytest.raises(NonFiniteError, match=r"global step 4"):
         api.train(cfg)
     ckpt = RunDir(tmp_path / "run").latest_resumable()
@@ -307,3 +309,34 @@ def test_fused_rms_norm_is_one_kernel_each_way_and_matches_the_library_on_gpu(ti
     assert len(kernels(fwd)) == 1, kernels(fwd)
     # the input's gradient in one kernel; the weight's (a parameter here) in at most two more
     assert len(kernels(bwd)) <= 3, kernels(bwd)
+
+
+def test_image_feature_cache_on_gpu_keeps_pinned_host_copies_and_gives_the_same_loss(tiny_dir, sample_data, tmp_path):
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.data.check import check_split
+    from qwenvl_tune.data.collate import RecordDataset, TrainCollator
+    from qwenvl_tune.modeling.fastpath import FastPath
+    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+    from qwenvl_tune.training.features import ImageFeatureCache, cache_blocker
+    from qwenvl_tune.training.setup import _encoder_and_vision
+    from qwenvl_tune.training.step import TrainStep
+
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"model.dtype": "bfloat16",
+                                                                                "lora.dropout": 0.0}))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    model = prepare_for_training(load_base_model(cfg.model), cfg).cuda()
+    fast = FastPath.resolve(cfg.model, model.config, autocast=True, cuda=True)
+    assert cache_blocker(model, fast, 1.0) is None
+    enc, vision = _encoder_and_vision(cfg, proc, fast)
+    rows = RecordDataset(check_split(sample_data, "train").records, enc, "train")
+    batch = TrainCollator(enc.pad_id, vision)([rows[0], rows[1]])
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    step = TrainStep(model.train(), fast, ImageFeatureCache(model, 1.0))
+    with fast.training(model), torch.autocast("cuda", dtype=torch.bfloat16):
+        first = step(batch)
+        first.backward()
+        second = step(batch)
+        second.backward()
+    assert step.features.misses == 2 and step.features.hits == 2
+    assert all(t.is_pinned() and not t.is_cuda for t in step.features.kept.values())
+    assert torch.equal(first.detach(), second.detach())

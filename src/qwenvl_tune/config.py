@@ -85,6 +85,7 @@ class TrainConfig:
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: no limit).")
     batch_size: int | Literal["auto"] = _f(2, "Samples per micro-batch (per device); batches are length-grouped. auto: the largest that fits the GPU, found by a short probe at start (stated in the log and saved with the run).")
     auto_batch_memory: float = _f(0.85, "With batch_size=auto: the share of the GPU's memory a micro-batch may use at its peak.")
+    image_cache_gib: float = _f(8.0, "Host memory (GiB) for the frozen vision tower's output per training document, kept from the first epoch so later epochs skip the tower (Qwen2-VL, Qwen2.5-VL); 0: off.")
     accumulate_grad_batches: int = _f(4, "Micro-batches per optimizer step.")
     lr: float | None = _f(None, "Peak learning rate (AdamW); unset: 2e-4 for lora/qlora, 1e-5 for full fine-tuning.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -182,6 +183,8 @@ class Config:
             raise ConfigError(f"generate.review_below is a confidence in [0, 1], got {self.generate.review_below}")
         if d.max_pages < 1:
             raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
+        if t.image_cache_gib < 0:
+            raise ConfigError(f"train.image_cache_gib is a size in GiB (0 turns the cache off), got {t.image_cache_gib}")
         if not 0.1 <= t.auto_batch_memory <= 1.0:
             raise ConfigError(f"train.auto_batch_memory is a share of the GPU's memory in [0.1, 1], got {t.auto_batch_memory}")
         for name in ("batch_size", "accumulate_grad_batches", "max_epochs", "check_val_every_n_epoch"):

@@ -138,7 +138,11 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool, vision: Vi
         batch["position_ids"] = torch.stack(rows)
     if vision is not None:
         batch.update(vision(batch["image_grid_thw"]))
-    for key in ("ids", "targets", "padding"):
+    # host-side lists (never moved to the device): pages per sample and each page's grid, for the step's
+    # image feature cache (training/features.py), which keys documents by ``index``
+    batch["image_counts"] = [len(it["image_grid_thw"]) for it in items]
+    batch["image_grid"] = batch["image_grid_thw"].tolist()
+    for key in ("ids", "index", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
     return batch
@@ -184,5 +188,7 @@ class RecordDataset(Dataset):
         else:
             item = self.encoder.encode_prompt(pages, r.prefix, system=r.system)
         item["ids"] = r.id
+        if self.mode == "train":
+            item["index"] = i  # the row's place in the split: the key of its kept image features
         item["targets"] = r.target_text
         return item

@@ -71,7 +71,8 @@ def probe_batch_size(fabric: Any, module: Any, optimizer: Any, batches: Callable
     optimizer_state = 2 * sum(p.numel() * 4 for p in params)
 
     def try_batch(b: int) -> float:
-        batch = fabric.to_device(batches(b))
+        # without the row indices: the probe's batches must run the vision tower, not fill the feature cache
+        batch = fabric.to_device({k: v for k, v in batches(b).items() if k != "index"})
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:

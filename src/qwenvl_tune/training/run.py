@@ -96,6 +96,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         # no validation chose one (e.g. it never ran): best/ is the final state, said so in its marker
         copy_checkpoint(run.published("last"), run.published("best"))
     fabric.barrier()
+    cache = loop.module.module.features
+    if cache is not None:
+        loop.console.note(cache.describe() + ("" if fabric.world_size == 1 else " (this process)"))
     best = loop.progress.best_step
     loop.console.note(f"done: {run}  (best/: step {best if best is not None else loop.progress.step}, "
                       f"last/: step {loop.progress.step})")
@@ -141,7 +144,7 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if fabric.is_global_zero:
         print(f"model {config.model.name_or_path} [{config.model.method}]: {trainable:,} trainable of {total:,} "
               f"parameters ({100 * trainable / max(total, 1):.2f}%)")
-    step = TrainStep(model.train(), fast)
+    step = TrainStep(model.train(), fast, _feature_cache(model, config, fast, fabric))
     module = fabric.setup_module(step)
     module.mark_forward_method("generate")  # validation generates through the strategy's wrapper too
     params = [p for p in module.parameters() if p.requires_grad]
@@ -160,6 +163,19 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if rng is not None:
         restore_rng(rng)  # last: nothing after this may draw random numbers before the first step
     return loop
+
+
+def _feature_cache(model: Any, config: Config, fast: FastPath, fabric: Any) -> Any:
+    """The image feature cache for this run (training/features.py), or None; said aloud either way."""
+    from .features import ImageFeatureCache, cache_blocker
+
+    gib = config.train.image_cache_gib
+    why = cache_blocker(model, fast, gib, fsdp=fabric_is_fsdp(fabric))
+    if fabric.is_global_zero:
+        print(f"image feature cache: off ({why})" if why else
+              f"image feature cache: up to {gib:g} GiB of host memory per process; epochs after the first skip the "
+              f"frozen vision tower for the documents kept")
+    return None if why else ImageFeatureCache(model, gib)
 
 
 def _auto_batch_size(fabric: Any, module: Any, optimizer: Any, config: Config, processor: Any, train_rep: Any,

@@ -38,22 +38,35 @@ def warmup_linear_decay(warmup: int, total: int):
 class TrainStep(torch.nn.Module):
     """The model plus how a training batch becomes a loss; its state dict is the model's under ``model.``."""
 
-    def __init__(self, model: torch.nn.Module, fast: FastPath | bool = True):
+    def __init__(self, model: torch.nn.Module, fast: FastPath | bool = True, features: Any = None):
         super().__init__()
         self.model = model
         self.fast = fast if isinstance(fast, FastPath) else (FastPath() if fast else FastPath.off())
         self.positions = PositionCheck()  # the loader's rope position ids, checked against the model's once
+        self.features = features  # an ImageFeatureCache (training/features.py), or None
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        positions = False
         if self.fast.loader_indices:
             # the loader's rope ids (checked once against the model's own) and vision-tower indices
             positions = "position_ids" in batch and self.positions.usable(self.model, batch)
             inputs = with_loader_indices(inputs, batch, positions)
         if not self.fast.answer_only_loss:
             return self.model(**inputs, labels=batch["labels"]).loss
-        return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
-                                chunked=self.fast.chunked_loss)
+        cache = self.features if (self.training and positions) else None
+        if cache is None:
+            return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
+                                    chunked=self.fast.chunked_loss)
+        inputs, kept = cache.inputs(self.model, inputs, batch)
+        if kept:
+            return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
+                                    chunked=self.fast.chunked_loss)
+        with cache.capture(self.model):
+            loss = answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
+                                    chunked=self.fast.chunked_loss)
+        cache.keep(batch)
+        return loss
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """The model's ``generate`` (marked as a forward method, so it runs inside the strategy's wrapper)."""

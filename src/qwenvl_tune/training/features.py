@@ -1,0 +1,143 @@
+"""The frozen vision tower's output per training document, kept from the first epoch for the next ones.
+
+With the tower frozen (the default: LoRA adapts the language model only) a page's image features are the same
+every epoch: the tower has no dropout and no trained weights, and the data pipeline no augmentation. Computing
+them again each epoch is about a fifth of a training step's arithmetic with Qwen2.5-VL-3B pages, and a quarter
+of its kernel launches. So the first time a document is trained on, the tower's output for its pages is copied to
+host memory (without waiting for the GPU); a later batch whose documents are all kept skips the tower, and the
+language model takes the kept features where the image tokens are, as the model itself places them.
+
+Keys are the training split's row indices. Budget: ``train.image_cache_gib`` of host memory (0: off); once it
+is full, later documents are not kept and the run says so once. A batch with any document not kept runs the
+tower for the whole batch, as without the cache. Not used where the features would not be the same each epoch
+or where the model builds more from the tower than these features: a trained tower (``model.train_vision`` or
+adapters in it), Qwen3-VL (its tower also feeds intermediate layers, "deepstack"), FSDP, or without the loader's
+rope positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..modeling.align import vision_tower
+
+# families whose language model takes the tower's output only through the image tokens' embeddings
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def cache_blocker(model: torch.nn.Module, fast: Any, budget_gib: float, fsdp: bool = False) -> str | None:
+    """Why the cache cannot be used for this model and run, or None when it can."""
+    if budget_gib <= 0:
+        return "train.image_cache_gib=0"
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FAMILIES:
+        return f"{family}: its tower feeds more than the image tokens"
+    tower = vision_tower(model)
+    if tower is None:
+        return "no vision tower found"
+    if any(p.requires_grad for p in tower.parameters()):
+        return "the vision tower is trained"
+    if fsdp:
+        return "FSDP"
+    if not (fast.loader_indices and fast.answer_only_loss):
+        return "the fast path is off"
+    return None
+
+
+class ImageFeatureCache:
+    """Per-document image features on the host, by training-split row index, within a byte budget."""
+
+    def __init__(self, model: torch.nn.Module, budget_gib: float):
+        self.budget = int(budget_gib * 2**30)
+        self.merge = int(getattr(vision_tower(model), "spatial_merge_size", 2)) ** 2
+        self.image_token = model.config.image_token_id
+        self.kept: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+        self.full = False
+        self.hits = self.misses = 0
+        self._captured: list[torch.Tensor] = []
+
+    # ---- the step's side
+    def inputs(self, model: torch.nn.Module, inputs: dict[str, Any], batch: dict[str, Any]) -> tuple[dict, bool]:
+        """The model inputs for this batch: with the kept features in place of the pixels when every document
+        of the batch is kept (second return value True), else the inputs as given, and the tower's output
+        for the batch is captured for ``keep``."""
+        rows = batch.get("index")
+        if rows is None or "pixel_values" not in inputs:
+            return inputs, False
+        if all(r in self.kept for r in rows):
+            self.hits += len(rows)
+            feats = torch.cat([self.kept[r] for r in rows]).to(inputs["input_ids"].device, non_blocking=True)
+            embed = model.get_input_embeddings()
+            embeds = embed(inputs["input_ids"])
+            mask = (inputs["input_ids"] == self.image_token).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            out = {k: v for k, v in inputs.items()
+                   if k not in ("input_ids", "pixel_values", "image_grid_thw") and not k.startswith("image_")}
+            out["inputs_embeds"] = embeds
+            return out, True
+        self.misses += len(rows)
+        return inputs, False
+
+    def capture(self, model: torch.nn.Module):
+        """A context in which the tower's merged output is recorded (a forward hook on the tower)."""
+        import contextlib
+
+        self._captured = []
+
+        def hook(module, args, output):
+            feats = getattr(output, "pooler_output", None)
+            if feats is None:
+                feats = output[0] if isinstance(output, tuple) else output
+            if isinstance(feats, (list, tuple)):
+                feats = torch.cat(list(feats))
+            self._captured.append(feats.detach())
+
+        @contextlib.contextmanager
+        def scope():
+            handle = vision_tower(model).register_forward_hook(hook)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+        return scope()
+
+    def keep(self, batch: dict[str, Any]) -> None:
+        """Store the captured output per document of ``batch`` (split by its pages' token counts)."""
+        rows, grids, counts = batch.get("index"), batch.get("image_grid"), batch.get("image_counts")
+        captured, self._captured = self._captured, []
+        if rows is None or grids is None or counts is None or len(captured) != 1 or self.full:
+            return
+        feats = captured[0]
+        tokens = [t * h * w // self.merge for t, h, w in grids]
+        if sum(tokens) != feats.shape[0]:
+            return  # not this batch's tower output: keep nothing rather than something wrong
+        start = page = 0
+        for row, n_pages in zip(rows, counts):
+            n = sum(tokens[page:page + n_pages])
+            page += n_pages
+            part = feats[start:start + n]
+            start += n
+            if row in self.kept:
+                continue
+            size = part.numel() * part.element_size()
+            if self.bytes + size > self.budget:
+                self.full = True
+                print(f"image feature cache full ({self.bytes / 2**30:.2f} GiB, train.image_cache_gib): "
+                      f"{len(self.kept)} documents kept; batches with others run the vision tower every epoch",
+                      flush=True)
+                return
+            if part.is_cuda:  # to page-locked host memory, without waiting for the GPU
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host.copy_(part, non_blocking=True)
+            else:
+                host = part.clone()
+            self.kept[row] = host
+            self.bytes += size
+
+    def describe(self) -> str:
+        return (f"image feature cache: {len(self.kept)} documents, {self.bytes / 2**30:.2f} GiB; "
+                f"{self.hits} document-steps took kept features, {self.misses} ran the tower")
