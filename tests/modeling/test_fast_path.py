@@ -367,3 +367,20 @@ def test_fused_rms_norm_computes_the_library_norm(tiny_family, family):
     # mixed dtypes (a float32 weight on a bf16 input, as k-bit preparation leaves it) take the library's arithmetic
     mixed = fk.FusedRMSNorm(lib.float())
     assert torch.equal(mixed(xb), lib.float()(xb))
+
+
+def test_fused_rms_norm_also_takes_liger_s_class_when_a_liger_patch_replaced_the_library_s():
+    """Liger's patch replaces the library's RMSNorm class for the whole process: a model loaded after it is built
+    with Liger's class, which is swapped too when its arithmetic is the library's (offset 0, Llama casting), and
+    left alone otherwise (Gemma's 1 + weight)."""
+    from qwenvl_tune.modeling import kernels as fk
+
+    class LigerRMSNorm(torch.nn.Module):  # liger-kernel's class's attributes (the package needs a GPU)
+        def __init__(self, n, offset=0.0, casting_mode="llama"):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n))
+            self.variance_epsilon, self.offset, self.casting_mode = 1e-6, offset, casting_mode
+
+    model = torch.nn.ModuleDict({"a": LigerRMSNorm(8), "b": LigerRMSNorm(8, 1.0, "gemma"), "c": torch.nn.LayerNorm(8)})
+    assert fk.use_fused_rms_norm(model) == 1
+    assert isinstance(model["a"], fk.FusedRMSNorm) and type(model["b"]).__name__ == "LigerRMSNorm"

@@ -109,12 +109,25 @@ class FusedRMSNorm(torch.nn.Module):
 RMS_NORM_CLASSES = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2VLRMSNorm", "Qwen3VLTextRMSNorm", "Qwen3RMSNorm")
 
 
+def _is_plain_rms_norm(module: torch.nn.Module) -> bool:
+    """One of the library's RMSNorm classes, or Liger's with the same arithmetic (no weight offset, Llama-style
+    casting): Liger's patch replaces the library's class in its module for the whole process, so a model loaded
+    after any earlier Liger patch (TRL's ``use_liger_kernel``, a user's own call) is built with Liger's class."""
+    if not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+        return False
+    name = type(module).__name__
+    if name in RMS_NORM_CLASSES:
+        return True
+    return (name == "LigerRMSNorm" and float(getattr(module, "offset", 1.0)) == 0.0
+            and getattr(module, "casting_mode", None) == "llama")
+
+
 def use_fused_rms_norm(model: torch.nn.Module) -> int:
-    """Swap every RMSNorm module of a known class for ``FusedRMSNorm``. Returns how many were swapped."""
+    """Swap every plain RMSNorm module (``_is_plain_rms_norm``) for ``FusedRMSNorm``. Returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child).__name__ in RMS_NORM_CLASSES and isinstance(getattr(child, "weight", None), torch.nn.Parameter):
+            if _is_plain_rms_norm(child):
                 setattr(parent, name, FusedRMSNorm(child))
                 swapped += 1
     return swapped
