@@ -109,7 +109,7 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool, pages: int = 1)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        grids, runs, pvs = [], [], []
+        grids, runs = [], []
         for _ in range(pages):
             w = rng.uniform(1500, 1900) if not tiny else 300
             h = w * rng.uniform(1.2, 1.45)
@@ -132,8 +132,7 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool, pages: int = 1)
 
 def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to: int = 1):
     """Collated batches, as the trainer's loader makes them; with ``cfg``, with the vision tower's index tensors."""
-    from qwenvl_tune.data.collate import collate
-    from qwenvl_tune.data.positions import VisionIndex, mrope_positions
+    from qwenvl_tune.data.positions import VisionIndex
 
     order = list(range(len(samples)))
     if sort and batch_size > 1:

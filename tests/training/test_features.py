@@ -115,8 +115,26 @@ def test_training_with_the_cache_ends_with_the_weights_of_training_without(two_p
     said = capsys.readouterr().out
     off = api.train(build_config(None, tiny_overrides(two_page_data, tiny_dir, tmp_path, **{
         **kw, "run.name": "off", "train.image_cache_gib": 0})))
-    assert "image feature cache: up to 8 GiB" in said and "4 documents" in said and "took kept features" in said
+    assert "image feature cache: up to " in said and "4 documents" in said and "took kept features" in said
     assert "image feature cache: off (train.image_cache_gib=0)" in capsys.readouterr().out
     a = load_file(on / "last" / "adapter_model.safetensors")
     b = load_file(off / "last" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_default_budget_is_capped_at_a_quarter_of_the_machine_s_memory(tiny_dir, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from qwenvl_tune.training import run as run_mod
+
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path))
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    fast = FastPath.resolve(cfg.model, model.config, cuda=False)
+    fabric = SimpleNamespace(world_size=2, is_global_zero=True, strategy=None)
+    monkeypatch.setattr(run_mod, "fabric_is_fsdp", lambda f: False)
+    monkeypatch.setattr(run_mod, "host_memory_gib", lambda: 16.0)
+    cache = run_mod._feature_cache(model, cfg, fast, fabric)
+    assert cache.budget == 2 * 2**30  # 16 GiB / 4 / 2 processes
+    assert "up to 2 GiB of host memory per process (a quarter" in capsys.readouterr().out
+    explicit = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{"train.image_cache_gib": 12}))
+    assert run_mod._feature_cache(model, explicit, fast, fabric).budget == 12 * 2**30  # asked for: as asked

@@ -169,13 +169,29 @@ def _feature_cache(model: Any, config: Config, fast: FastPath, fabric: Any) -> A
     """The image feature cache for this run (training/features.py), or None; said aloud either way."""
     from .features import ImageFeatureCache, cache_blocker
 
-    gib = config.train.image_cache_gib
+    gib, capped = config.train.image_cache_gib, ""
+    if "train.image_cache_gib" not in config.explicit:
+        # the default never takes more than a quarter of this machine's memory over the processes on it
+        local = max(1, fabric.world_size // max(1, config.train.num_nodes))
+        share = host_memory_gib() / 4 / local
+        if share < gib:
+            gib, capped = round(share, 2), " (a quarter of this machine's memory over its processes)"
     why = cache_blocker(model, fast, gib, fsdp=fabric_is_fsdp(fabric))
     if fabric.is_global_zero:
         print(f"image feature cache: off ({why})" if why else
-              f"image feature cache: up to {gib:g} GiB of host memory per process; epochs after the first skip the "
-              f"frozen vision tower for the documents kept")
+              f"image feature cache: up to {gib:g} GiB of host memory per process{capped}; epochs after the first "
+              f"skip the frozen vision tower for the documents kept")
     return None if why else ImageFeatureCache(model, gib)
+
+
+def host_memory_gib() -> float:
+    """This machine's physical memory in GiB (inf where the system does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
 
 
 def _auto_batch_size(fabric: Any, module: Any, optimizer: Any, config: Config, processor: Any, train_rep: Any,
