@@ -75,7 +75,7 @@ class ModelConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...).")
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    kernels: Literal["auto", "none", "liger"] = _f("auto", "Fused Triton kernels (liger: RMSNorm, SwiGLU, rotary; CUDA only, pip install 'qwenvl-tune[kernels]'); auto: liger where available.")
+    kernels: Literal["auto", "none", "liger"] = _f("auto", "Fused Triton kernels (liger: SwiGLU, rotary; RMSNorm is PyTorch's fused kernel either way; CUDA only, pip install 'qwenvl-tune[kernels]'); auto: liger where available.")
     fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, Hopper-aligned vision MLP, bf16 LoRA inputs under autocast, logits only on answer tokens.")
 
 
