@@ -69,7 +69,10 @@ class ImageFeatureCache:
             return inputs, False
         if all(r in self.kept for r in rows):
             self.hits += len(rows)
-            feats = torch.cat([self.kept[r] for r in rows]).to(inputs["input_ids"].device, non_blocking=True)
+            # each kept copy goes to the device on its own and is joined there: the host never reads a pinned
+            # buffer whose copy from the GPU may still be in flight (stream order makes the device side safe)
+            device = inputs["input_ids"].device
+            feats = torch.cat([self.kept[r].to(device, non_blocking=True) for r in rows])
             embed = model.get_input_embeddings()
             embeds = embed(inputs["input_ids"])
             mask = (inputs["input_ids"] == self.image_token).unsqueeze(-1).expand_as(embeds)
