@@ -99,7 +99,8 @@ def flash_sdpa(enabled: bool = True) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def _rope_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Liger's Triton rotary kernel: one pass over q and k (copied contiguous first, never written in place),
     computing in float32 from the bf16 values as the library's function does, stored back in q's dtype."""
     from liger_kernel.transformers.rope import liger_rotary_pos_emb

@@ -126,7 +126,8 @@ class FastPath:
             if self.frozen_vision_attention:
                 rope = "liger" if self.kernels == "liger" else "plain"
                 n = swap_frozen_vision_attention(model, rope)
-                done.append(f"vision attention: {n} frozen blocks as one module" + (" (Liger rotary)" if rope == "liger" and n else ""))
+                liger = " (Liger rotary)" if rope == "liger" and n else ""
+                done.append(f"vision attention: {n} frozen blocks as one module{liger}")
         if self.align_vision_mlp:
             n = align_vision_mlp(model)
             family = getattr(getattr(model, "config", None), "model_type", None)
