@@ -46,6 +46,10 @@ def cache_blocker(model: torch.nn.Module, fast: Any, budget_gib: float, fsdp: bo
     return None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class ImageFeatureCache:
     """Per-document image features on the host, by training-split row index, within a byte budget."""
 
@@ -129,7 +133,7 @@ class ImageFeatureCache:
             size = part.numel() * part.element_size()
             if self.bytes + size > self.budget:
                 self.full = True
-                print(f"image feature cache full ({self.bytes / 2**30:.2f} GiB, train.image_cache_gib): "
+                print(f"image feature cache full ({_size(self.bytes)}, train.image_cache_gib): "
                       f"{len(self.kept)} documents kept; batches with others run the vision tower every epoch",
                       flush=True)
                 return
@@ -142,5 +146,5 @@ class ImageFeatureCache:
             self.bytes += size
 
     def describe(self) -> str:
-        return (f"image feature cache: {len(self.kept)} documents, {self.bytes / 2**30:.2f} GiB; "
+        return (f"image feature cache: {len(self.kept)} documents, {_size(self.bytes)}; "
                 f"{self.hits} document-steps took kept features, {self.misses} ran the tower")
