@@ -384,3 +384,29 @@ def test_fused_rms_norm_also_takes_liger_s_class_when_a_liger_patch_replaced_the
     model = torch.nn.ModuleDict({"a": LigerRMSNorm(8), "b": LigerRMSNorm(8, 1.0, "gemma"), "c": torch.nn.LayerNorm(8)})
     assert fk.use_fused_rms_norm(model) == 1
     assert isinstance(model["a"], fk.FusedRMSNorm) and type(model["b"]).__name__ == "LigerRMSNorm"
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_training_step_builds_no_key_value_cache(tiny_dir, tmp_path, monkeypatch, fast_path):
+    """With the config's use_cache the language model fills a DynamicCache in training too (a copy of every layer's
+    keys and values, two cat calls a layer); the step asks for none, on both paths."""
+    from transformers import cache_utils
+
+    from qwenvl_tune.data.positions import VisionIndex
+    from qwenvl_tune.training.step import TrainStep
+
+    updates = []
+    real = cache_utils.DynamicCache.update
+    monkeypatch.setattr(cache_utils.DynamicCache, "update",
+                        lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
+    cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **{"model.fast_path": fast_path}))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    assert model.config.get_text_config().use_cache  # the default that would build one
+    fast = FastPath.resolve(cfg.model, model.config, cuda=False)
+    batch = _batch(proc, vision=VisionIndex.for_config(model.config) if fast_path else None)
+    TrainStep(model.train(), fast)(batch).backward()
+    assert updates == []
+    with torch.no_grad():  # the check can see one: the model's own forward builds it
+        model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    assert updates

@@ -52,6 +52,9 @@ def answer_only_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: tor
     transformers 5 release); the collator computes them on the CPU (``answer_positions``),
     else they are found here.
 
+    No key/value cache is built (``use_cache=False``): with the config's default the language model fills a
+    ``DynamicCache`` in training too, a copy of every layer's keys and values and two ``cat`` calls a layer.
+
     ``chunked``: the head's input is taken at the head (a pre-hook hands the head an empty
     slice, so the forward pass builds no logits), and logits plus cross-entropy are computed
     ``LOSS_CHUNK`` rows at a time, each chunk recomputed in the backward pass rather than kept:
@@ -64,7 +67,7 @@ def answer_only_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: tor
         positions = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     targets = shifted[:, positions]
     if not chunked:
-        out = model(**inputs, logits_to_keep=positions)
+        out = model(**inputs, logits_to_keep=positions, use_cache=False)
         return F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
     head = model.get_output_embeddings()
     taken: list[torch.Tensor] = []
@@ -75,7 +78,7 @@ def answer_only_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: tor
 
     handle = head.register_forward_pre_hook(take)
     try:
-        model(**inputs, logits_to_keep=positions)
+        model(**inputs, logits_to_keep=positions, use_cache=False)
     finally:
         handle.remove()
     hidden, flat = taken[-1].flatten(0, 1), targets.flatten()

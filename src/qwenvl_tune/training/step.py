@@ -53,7 +53,7 @@ class TrainStep(torch.nn.Module):
             positions = "position_ids" in batch and self.positions.usable(self.model, batch)
             inputs = with_loader_indices(inputs, batch, positions)
         if not self.fast.answer_only_loss:
-            return self.model(**inputs, labels=batch["labels"]).loss
+            return self.model(**inputs, labels=batch["labels"], use_cache=False).loss
         cache = self.features if (self.training and positions) else None
         if cache is None:
             return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
