@@ -138,10 +138,11 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool, vision: Vi
         batch["position_ids"] = torch.stack(rows)
     if vision is not None:
         batch.update(vision(batch["image_grid_thw"]))
-    # host-side lists (never moved to the device): pages per sample and each page's grid, for the step's
-    # image feature cache (training/features.py), which keys documents by ``index``
-    batch["image_counts"] = [len(it["image_grid_thw"]) for it in items]
-    batch["image_grid"] = batch["image_grid_thw"].tolist()
+    if "index" in items[0]:
+        # host-side lists (never moved to the device): pages per sample and each page's grid, for the step's
+        # image feature cache (training/features.py), which keys documents by ``index``
+        batch["image_counts"] = [len(it["image_grid_thw"]) for it in items]
+        batch["image_grid"] = batch["image_grid_thw"].tolist()
     for key in ("ids", "index", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]

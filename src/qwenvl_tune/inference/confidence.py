@@ -41,48 +41,35 @@ class _Walker:
         self.ws()
         c = self.s[self.i]
         start = self.i
-        if c == "{":
+        if c in "{[":
+            closer = "}" if c == "{" else "]"
             self.i += 1
             self.ws()
-            if self.s[self.i] == "}":
-                self.i += 1
-                self.spans[path or "$"] = (start, self.i, False)
-                return
-            while True:
-                self.ws()
-                k0 = self.i
-                self.string()
-                key = json.loads(self.s[k0:self.i])
-                self.ws()
-                if self.s[self.i] != ":":
-                    raise ValueError("expected ':'")
-                self.i += 1
-                self.value(f"{path}.{key}" if path else str(key))
-                self.ws()
-                if self.s[self.i] == ",":
-                    self.i += 1
-                    continue
-                if self.s[self.i] != "}":
-                    raise ValueError("expected '}'")
-                self.i += 1
-                return
-        if c == "[":
-            self.i += 1
-            self.ws()
-            if self.s[self.i] == "]":
+            if self.s[self.i] == closer:
                 self.i += 1
                 self.spans[path or "$"] = (start, self.i, False)
                 return
             k = 0
             while True:
-                self.value(f"{path}[{k}]")
-                k += 1
+                if c == "{":
+                    self.ws()
+                    k0 = self.i
+                    self.string()
+                    key = json.loads(self.s[k0:self.i])
+                    self.ws()
+                    if self.s[self.i] != ":":
+                        raise ValueError("expected ':'")
+                    self.i += 1
+                    self.value(f"{path}.{key}" if path else str(key))
+                else:
+                    self.value(f"{path}[{k}]")
+                    k += 1
                 self.ws()
                 if self.s[self.i] == ",":
                     self.i += 1
                     continue
-                if self.s[self.i] != "]":
-                    raise ValueError("expected ']'")
+                if self.s[self.i] != closer:
+                    raise ValueError(f"expected '{closer}'")
                 self.i += 1
                 return
         if c == '"':

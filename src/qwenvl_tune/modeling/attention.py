@@ -99,14 +99,20 @@ def flash_sdpa(enabled: bool = True) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def _library_vision_rope(attn: torch.nn.Module) -> Any:
+    """The rotary function of the module's family (``apply_rotary_pos_emb_vision``), or None."""
+    import sys
+
+    return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+
+
 def _rope_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Liger's Triton rotary kernel: one pass over q and k (copied contiguous first, never written in place),
     computing in float32 from the bf16 values as the library's function does, stored back in q's dtype."""
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
-    q4 = q.contiguous().clone() if q.is_contiguous() else q.contiguous()
-    k4 = k.contiguous().clone() if k.is_contiguous() else k.contiguous()
+    q4, k4 = (t.clone(memory_format=torch.contiguous_format) for t in (q, k))  # Liger writes in place
     # (tokens, heads, dim) -> the (1, heads, tokens, dim) view Liger expects; cos/sin: (1, tokens, dim)
     qe, ke = liger_rotary_pos_emb(q4.unsqueeze(0).transpose(1, 2), k4.unsqueeze(0).transpose(1, 2),
                                   cos.float().unsqueeze(0), sin.float().unsqueeze(0))
@@ -126,12 +132,10 @@ class FrozenVisionAttention(torch.nn.Module):
 
     def __init__(self, source: torch.nn.Module, rope: str = "plain"):
         super().__init__()
-        import sys
-
         self.qkv, self.proj = source.qkv, source.proj
         self.num_heads, self.scaling = source.num_heads, source.scaling
         self.rope = rope
-        self._plain_rope = getattr(sys.modules[type(source).__module__], "apply_rotary_pos_emb_vision")
+        self._plain_rope = _library_vision_rope(source)
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, max_seqlen: Any = None,
@@ -155,8 +159,6 @@ def swap_frozen_vision_attention(model: torch.nn.Module, rope: str = "plain") ->
     """Replace each vision block's attention by ``FrozenVisionAttention`` (Qwen2-VL, Qwen2.5-VL and Qwen3-VL
     towers: ``qkv`` + ``proj`` linear layers and the family's ``apply_rotary_pos_emb_vision``). Returns how many;
     0 when the tower has another layout (then it keeps the library's modules)."""
-    import sys
-
     from .align import vision_tower
 
     tower = vision_tower(model)
@@ -168,7 +170,7 @@ def swap_frozen_vision_attention(model: torch.nn.Module, rope: str = "plain") ->
         if (attn is None or isinstance(attn, FrozenVisionAttention)
                 or not all(isinstance(getattr(attn, n, None), torch.nn.Module) for n in ("qkv", "proj"))
                 or not hasattr(attn, "num_heads") or not hasattr(attn, "scaling")
-                or not hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")):
+                or _library_vision_rope(attn) is None):
             continue
         block.attn = FrozenVisionAttention(attn, rope)
         swapped += 1

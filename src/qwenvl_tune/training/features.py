@@ -17,7 +17,8 @@ rope positions.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -61,38 +62,36 @@ class ImageFeatureCache:
         self.bytes = 0
         self.full = False
         self.hits = self.misses = 0
-        self._captured: list[torch.Tensor] = []
 
     # ---- the step's side
-    def inputs(self, model: torch.nn.Module, inputs: dict[str, Any], batch: dict[str, Any]) -> tuple[dict, bool]:
-        """The model inputs for this batch: with the kept features in place of the pixels when every document
-        of the batch is kept (second return value True), else the inputs as given, and the tower's output
-        for the batch is captured for ``keep``."""
+    def inputs(self, model: torch.nn.Module, inputs: dict[str, Any],
+               batch: dict[str, Any]) -> tuple[dict, contextlib.AbstractContextManager]:
+        """The model inputs for this batch, and the context to run the model in. When every document of the batch
+        is kept: the kept features in place of the pixels, and nothing to record. Otherwise the inputs as given,
+        and a context that records the tower's output and keeps it per document once the forward pass is done."""
         rows = batch.get("index")
         if rows is None or "pixel_values" not in inputs:
-            return inputs, False
+            return inputs, contextlib.nullcontext()
         if all(r in self.kept for r in rows):
             self.hits += len(rows)
             # each kept copy goes to the device on its own and is joined there: the host never reads a pinned
             # buffer whose copy from the GPU may still be in flight (stream order makes the device side safe)
             device = inputs["input_ids"].device
             feats = torch.cat([self.kept[r].to(device, non_blocking=True) for r in rows])
-            embed = model.get_input_embeddings()
-            embeds = embed(inputs["input_ids"])
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
             mask = (inputs["input_ids"] == self.image_token).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
             out = {k: v for k, v in inputs.items()
                    if k not in ("input_ids", "pixel_values", "image_grid_thw") and not k.startswith("image_")}
             out["inputs_embeds"] = embeds
-            return out, True
+            return out, contextlib.nullcontext()
         self.misses += len(rows)
-        return inputs, False
+        return inputs, self._recording(model, batch)
 
-    def capture(self, model: torch.nn.Module):
-        """A context in which the tower's merged output is recorded (a forward hook on the tower)."""
-        import contextlib
-
-        self._captured = []
+    @contextlib.contextmanager
+    def _recording(self, model: torch.nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+        """Record the tower's merged output (a forward hook on the tower) and keep it when the block ends."""
+        captured: list[torch.Tensor] = []
 
         def hook(module, args, output):
             feats = getattr(output, "pooler_output", None)
@@ -100,22 +99,18 @@ class ImageFeatureCache:
                 feats = output[0] if isinstance(output, tuple) else output
             if isinstance(feats, (list, tuple)):
                 feats = torch.cat(list(feats))
-            self._captured.append(feats.detach())
+            captured.append(feats.detach())
 
-        @contextlib.contextmanager
-        def scope():
-            handle = vision_tower(model).register_forward_hook(hook)
-            try:
-                yield
-            finally:
-                handle.remove()
+        handle = vision_tower(model).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self._keep(batch, captured)
 
-        return scope()
-
-    def keep(self, batch: dict[str, Any]) -> None:
+    def _keep(self, batch: dict[str, Any], captured: list[torch.Tensor]) -> None:
         """Store the captured output per document of ``batch`` (split by its pages' token counts)."""
         rows, grids, counts = batch.get("index"), batch.get("image_grid"), batch.get("image_counts")
-        captured, self._captured = self._captured, []
         if rows is None or grids is None or counts is None or len(captured) != 1 or self.full:
             return
         feats = captured[0]

@@ -8,6 +8,7 @@ language-model head outside its forward), which a strategy only allows inside it
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -54,19 +55,13 @@ class TrainStep(torch.nn.Module):
             inputs = with_loader_indices(inputs, batch, positions)
         if not self.fast.answer_only_loss:
             return self.model(**inputs, labels=batch["labels"], use_cache=False).loss
-        cache = self.features if (self.training and positions) else None
-        if cache is None:
+        scope = contextlib.nullcontext()
+        if self.features is not None and self.training and positions:
+            # kept image features in place of the pixels, or a scope that keeps the tower's output
+            inputs, scope = self.features.inputs(self.model, inputs, batch)
+        with scope:
             return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
                                     chunked=self.fast.chunked_loss)
-        inputs, kept = cache.inputs(self.model, inputs, batch)
-        if kept:
-            return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
-                                    chunked=self.fast.chunked_loss)
-        with cache.capture(self.model):
-            loss = answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
-                                    chunked=self.fast.chunked_loss)
-        cache.keep(batch)
-        return loss
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """The model's ``generate`` (marked as a forward method, so it runs inside the strategy's wrapper)."""
