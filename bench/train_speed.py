@@ -203,8 +203,24 @@ def resolve_fast(v: dict, config, hf_config):
     flags = {"align_vision_mlp": v.get("align", True), "liger_rms_norm": v.get("liger_rms_norm", True),
              "lora_bf16_inputs": not v.get("lora_input_cast", False), "loader_indices": v.get("loader_index", True),
              "chunked_loss": v.get("chunked", True), "native_rms_norm": v.get("native_rms_norm", True),
-             "frozen_vision_attention": v.get("vision_module", True)}
-    return fast.replace(**{k: getattr(fast, k) and on for k, on in flags.items()})
+             "frozen_vision_attention": v.get("vision_module", True), "compile_layers": compiles(v)}
+    fast = fast.replace(**{k: getattr(fast, k) and on for k, on in flags.items()})
+    # Liger's SwiGLU and rotary stay out of compiled layers unless a variant asks for them inside
+    return fast.replace(liger_language_model=v.get("liger_lm", not fast.compile_layers))
+
+
+def compiles(v: dict) -> bool:
+    """Whether a variant runs compiled decoder layers: the product's step with the fast path, unless it says not."""
+    return bool(v.get("fast")) and v.get("loop", "product") == "product" and not v.get("trl") and v.get("compile", True)
+
+
+def patches_liger_globally(v: dict) -> bool:
+    """Liger's SwiGLU and rotary patches replace classes and functions of the transformers module for the whole
+    process: a variant built after one that applied them gets Liger's modules too (its compiled layers would
+    trace Liger's kernels), so those variants run last."""
+    if v.get("trl"):
+        return bool(v.get("liger"))
+    return v.get("kernels") == "liger" and v.get("liger_lm", not compiles(v))
 
 
 def variant_config(v: dict, ckpt: str, accum: int = 1):
@@ -246,16 +262,6 @@ def load_variant(v: dict, ckpt: str, cfg, accum: int = 1):
     model = prepare_for_training(model, config, fast)
     if not v["method"] == "qlora":
         model.to(DEV)
-    if v.get("compile"):
-        layers = set(getattr(model, "_no_split_modules", None) or [])
-        for m in model.modules():
-            layers.update(getattr(m, "_no_split_modules", None) or [])
-        n = 0
-        for m in model.modules():
-            if type(m).__name__ in layers:
-                m.compile(dynamic=True)
-                n += 1
-        print(f"{v['name']}: compiled {n} layers ({sorted(layers)})", flush=True)
     model.train()
     return model, config, fast
 
@@ -385,9 +391,11 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
 
     if v.get("warm_epoch"):  # one whole pass first: the timed batches are ones already seen (shapes included)
         warmup = len(data)
+    t_w = time.perf_counter()
     for i in range(warmup):
         step(i)
     sync()
+    warmup_s = time.perf_counter() - t_w  # with compiled layers, their compilation happens here
     audit = None
     if v.get("sync_audit") and CUDA:
         audit = sync_audit(lambda: step(warmup - 1))
@@ -427,7 +435,8 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     res = {"name": v["name"], "desc": v["desc"], "step": "product" if product else ("bench copy" if v["fast"] else "guide"),
            "batch": bs, "pad_to_multiple_of": pad_to, "pinned": pinned, "samples_per_s": n_samples / dt,
            "tokens_per_s": n_tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
-           "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps}
+           "tflops": sample_flops * n_samples / dt / 1e12, "steps": steps, "warmup_s": round(warmup_s, 1),
+           "warmup_steps": warmup, "compiled_layers": bool(product and fast.compile_layers)}
     if probe is not None:
         res["auto_batch"] = probe.describe()
     if audit is not None:
@@ -526,7 +535,10 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
     The fast path passes when its distance to the float32 reference is no larger than the plain
     bf16 path's (both are bf16 roundings of the same function).
     """
-    runs = {"ref_fp32": (False, torch.float32), "plain_bf16": (False, torch.bfloat16), "fast_bf16": (True, torch.bfloat16)}
+    from qwenvl_tune.modeling.compiled import CompiledLayers
+
+    runs = {"ref_fp32": (False, torch.float32), "plain_bf16": (False, torch.bfloat16), "fast_bf16": (True, torch.bfloat16),
+            "compiled_bf16": (True, torch.bfloat16)}
     out, grads = {}, {}
     for name, (fast, dtype) in runs.items():
         torch.manual_seed(0)
@@ -538,7 +550,8 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
         b = {k: (t.to(DEV) if torch.is_tensor(t) else t) for k, t in batches(samples[:1], 1, False, cfg=cfg)[0].items()}
         b["pixel_values"] = b["pixel_values"].to(dtype)
         with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype != torch.float32), \
-                (fp.training(model) if fast and dtype != torch.float32 else contextlib.nullcontext()):
+                (fp.training(model) if fast and dtype != torch.float32 else contextlib.nullcontext()), \
+                (CompiledLayers(model).active() if name == "compiled_bf16" else contextlib.nullcontext()):
             loss = train_loss(model, b, fast)
         loss.backward()
         out[f"loss_{name}"] = float(loss.detach())
@@ -547,7 +560,7 @@ def numerics_check(ckpt: str, cfg, samples: list[Sample]) -> dict:
         free()
     ref = grads["ref_fp32"]
     den = sum(float(g.norm() ** 2) for g in ref.values())
-    for name in ("plain_bf16", "fast_bf16"):
+    for name in ("plain_bf16", "fast_bf16", "compiled_bf16"):
         num = sum(float((grads[name][n] - ref[n]).norm() ** 2) for n in ref)
         out[f"grad_rel_err_{name}"] = math.sqrt(num / den)
         out[f"loss_rel_err_{name}"] = abs(out[f"loss_{name}"] - out["loss_ref_fp32"]) / abs(out["loss_ref_fp32"])
@@ -589,19 +602,31 @@ VARIANTS = [
     {"name": "ours_qlora_b4", "method": "qlora", "fast": True, "batch": 4, "desc": "qwenvl-tune qlora, batch 4 length-grouped"},
     {"name": "ours_qlora_lowmem", "method": "qlora", "fast": True, "batch": 1, "gc": True,
      "desc": "qwenvl-tune qlora + gradient checkpointing, batch 1"},
-    # Regional compilation: each decoder layer and vision block through torch.compile (dynamic shapes;
-    # identical layers share the compiled code). Experimental: not a product option until measured.
-    {"name": "ours_lora_b1_compile", "method": "lora", "fast": True, "batch": 1, "compile": True,
-     "desc": "qwenvl-tune lora + torch.compile per layer, batch 1"},
+    # Eager decoder layers with Liger's SwiGLU and rotary: the defaults before 2026-12-03 (model.compile=off)
+    {"name": "ours_lora_b2_liger_eager", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "compile": False, "desc": "the defaults before 2026-12-03: eager decoder layers with Liger's SwiGLU and rotary"},
+    {"name": "ours_lora_b2_liger_eager_later_epoch", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "compile": False, "warm_epoch": True, "desc": "the same in a later epoch (image features kept)"},
+    {"name": "ours_qlora_b2_liger_eager", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "compile": False, "desc": "qlora defaults before 2026-12-03 (eager decoder layers, Liger)"},
+    {"name": "ours_lora_b2_liger_all_linear_eager", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "targets": "all-linear", "compile": False, "desc": "all-linear LoRA, eager decoder layers with Liger"},
+    {"name": "ours_lora_auto_liger_80gb_eager_later_epoch", "method": "lora", "fast": True, "batch": "auto",
+     "kernels": "liger", "card_gib": 80, "compile": False, "warm_epoch": True,
+     "desc": "train.batch_size=auto, 80 GB budget, eager decoder layers with Liger, later epoch"},
+    # compiled decoder layers that trace Liger's SwiGLU and rotary kernels instead of letting Inductor fuse them
+    {"name": "ours_lora_b2_liger_compiled_with_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "liger_lm": True, "desc": "compiled decoder layers with Liger's SwiGLU and rotary inside"},
     # Liger's rotary patch is process-wide: these run last, after every variant they are compared with.
     {"name": "ours_lora_b1_liger", "method": "lora", "fast": True, "batch": 1, "kernels": "liger",
      "desc": "qwenvl-tune lora + liger kernels, batch 1"},
     {"name": "ours_lora_b2_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "desc": "qwenvl-tune lora + liger kernels, batch 2 length-grouped (the defaults), the product's step"},
+     "desc": "the defaults: lora, batch 2 length-grouped, compiled decoder layers, Liger's vision rotary, the "
+             "product's step"},
     {"name": "ours_lora_b2_liger_bench_copy", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "loop": "copy", "desc": "the same, through the benchmark's own copy of the step (before 2026-12-02)"},
     # before 2026-12-02 evening: Liger's RMSNorm, the library's vision attention with its element-wise rotary
-    {"name": "ours_lora_b2_liger_before_native_norm", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+    {"name": "ours_lora_b2_liger_before_native_norm", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "compile": False,
      "native_rms_norm": False, "vision_module": False,
      "desc": "the defaults before 2026-12-02 evening: Liger's RMSNorm, the library's vision attention and rotary"},
     {"name": "ours_lora_b2_liger_no_vision_module", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
@@ -624,7 +649,7 @@ VARIANTS = [
     {"name": "ours_lora_b2_liger_pad64", "method": "lora", "fast": True, "batch": 2, "kernels": "liger", "pad_to": 64,
      "desc": "the defaults, lengths rounded up to a multiple of 64"},
     {"name": "ours_lora_auto_liger_80gb_before_native_norm", "method": "lora", "fast": True, "batch": "auto",
-     "kernels": "liger", "card_gib": 80, "native_rms_norm": False, "vision_module": False,
+     "kernels": "liger", "compile": False, "card_gib": 80, "native_rms_norm": False, "vision_module": False,
      "desc": "train.batch_size=auto, 80 GB budget, before 2026-12-02 evening (Liger RMSNorm, library vision attention)"},
     {"name": "ours_qlora_b2_liger", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
@@ -732,6 +757,7 @@ def main() -> int:
     print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
     # --variants none: only the numerics check
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v["name"] in args.variants.split(",")]
+    chosen = sorted(chosen, key=patches_liger_globally)  # stable: Liger's process-wide patches come last
     profiled = set(args.profile.split(",")) if args.profile else set()
     chosen = [{**v, "profile": "all" in profiled or v["name"] in profiled, "sync_audit": args.sync_audit}
               for v in chosen]

@@ -340,3 +340,51 @@ def test_image_feature_cache_on_gpu_keeps_pinned_host_copies_and_gives_the_same_
     assert step.features.misses == 2 and step.features.hits == 2
     assert all(t.is_pinned() and not t.is_cuda for t in step.features.kept.values())
     assert torch.equal(first.detach(), second.detach())
+
+
+def test_compiled_decoder_layers_match_eager_with_inductor_and_repeat_exactly(tiny_dir, sample_data, tmp_path):
+    """Inductor's kernels for the decoder layers (``model.compile``, on by default on a GPU): the eager loss and
+    LoRA gradients within bf16 rounding, one compile for every later length, and the same numbers again from the
+    same random state (LoRA dropout drawn by Inductor's generator), which exact resume relies on."""
+    from torch._dynamo.utils import counters
+
+    from qwenvl_tune.config import build_config
+    from qwenvl_tune.data.check import check_split
+    from qwenvl_tune.data.collate import RecordDataset, TrainCollator
+    from qwenvl_tune.modeling.fastpath import FastPath
+    from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+    from qwenvl_tune.training.setup import _encoder_and_vision
+    from qwenvl_tune.training.step import TrainStep
+
+    torch._dynamo.reset()
+    cfg = build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        "model.dtype": "bfloat16", "lora.target_modules": "all-linear", "train.image_cache_gib": 0}))
+    proc = load_processor(tiny_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(cfg.model), cfg).cuda().train()
+    fast = FastPath.resolve(cfg.model, model.config, autocast=True, cuda=True)
+    assert fast.compile_layers
+    enc, vision = _encoder_and_vision(cfg, proc, fast)
+    rows = RecordDataset(check_split(sample_data, "train").records, enc, "train")
+    collate = TrainCollator(enc.pad_id, vision)
+    eager, compiled = TrainStep(model, fast.replace(compile_layers=False)), TrainStep(model, fast)
+
+    def run(step, batch, seed=1):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with fast.training(model), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(batch)
+        loss.backward()
+        return float(loss), torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters())
+                                       if p.grad is not None])
+
+    graphs = []
+    for i in range(0, 6, 2):
+        batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in collate([rows[i], rows[i + 1]]).items()}
+        (le, ge), (lc, gc) = run(eager, batch), run(compiled, batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert abs(le - lc) / le < 1e-2, (le, lc)
+        assert ge.abs().sum() > 0 and F.cosine_similarity(ge, gc, dim=0) > 0.99
+        again = run(compiled, batch)
+        assert again[0] == lc and torch.equal(again[1], gc), "the same random state gives the same step"
+    assert graphs[0] > 0 and graphs[2] == graphs[1], graphs

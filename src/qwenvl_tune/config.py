@@ -76,6 +76,7 @@ class ModelConfig:
     train_vision: bool = _f(False, "Also train the vision tower (frozen by default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     kernels: Literal["auto", "none", "liger"] = _f("auto", "Fused Triton kernels (liger: SwiGLU, rotary; RMSNorm is PyTorch's fused kernel either way; CUDA only, pip install 'qwenvl-tune[kernels]'); auto: liger where available.")
+    compile: Literal["auto", "on", "off"] = _f("auto", "Compile the language model's decoder layers for training with torch.compile (fused element-wise kernels, far less host time a step; the first steps of each new batch shape compile, about a minute in all). auto: on with a CUDA GPU, off with gradient checkpointing or FSDP.")
     fast_path: bool = _f(True, "Fast training path: one varlen kernel for vision attention, Hopper-aligned vision MLP, bf16 LoRA inputs under autocast, logits only on answer tokens.")
 
 

@@ -19,7 +19,10 @@ Each trick computes the plain path's numbers with less waste (equivalence tests 
 - ``kernels``: liger-kernel's fused Triton kernels (``kernels.py``), with ``liger_rms_norm`` separately;
 - ``native_rms_norm``: PyTorch's fused CUDA RMSNorm in place of the library's (and of Liger's) (``kernels.py``);
 - ``frozen_vision_attention``: a frozen tower's attention as one module: qkv, rotary (Liger's kernel with
-  ``kernels: liger``), one varlen call, proj (``attention.py``).
+  ``kernels: liger``), one varlen call, proj (``attention.py``);
+- ``compile_layers``: the language model's decoder layers through ``torch.compile`` while training
+  (``compiled.py``); Liger's SwiGLU and rotary then stay out of them (``liger_language_model``), as Inductor
+  fuses that element-wise work itself.
 
 Benchmarks ablate a trick by ``fast.replace(align_vision_mlp=False)``; nothing is patched.
 """
@@ -53,6 +56,8 @@ class FastPath:
     liger_rms_norm: bool = True
     native_rms_norm: bool = False
     frozen_vision_attention: bool = True
+    compile_layers: bool = False
+    liger_language_model: bool = True  # Liger's SwiGLU and rotary in the language model (off when it is compiled)
     notes: tuple[str, ...] = ()  # why a trick that could apply is off
 
     @classmethod
@@ -89,19 +94,29 @@ class FastPath:
             notes.append("LoRA inputs keep PEFT's cast: no autocast (mixed precision) to make it redundant")
         if fsdp:
             notes.append("loss not chunked: FSDP's root does not allow calling the head outside its forward")
+        compile_layers = model_cfg.compile == "on" or (model_cfg.compile == "auto" and cuda)
+        if compile_layers and model_cfg.gradient_checkpointing:
+            compile_layers = False
+            notes.append("decoder layers not compiled: gradient checkpointing recomputes them eagerly")
+        elif compile_layers and fsdp:
+            compile_layers = False
+            notes.append("decoder layers not compiled: FSDP wraps them")
+        elif model_cfg.compile == "auto" and not cuda:
+            notes.append("decoder layers not compiled: no CUDA GPU (model.compile=on compiles on a CPU too)")
         native = cuda and native_rms_norm_available()
         if cuda and not native:
             notes.append("RMSNorm not fused by PyTorch: this PyTorch has no fused CUDA kernel (2.8 or later has)")
         return cls(align_vision_mlp=align, loader_indices=loader, chunked_loss=not fsdp, lora_bf16_inputs=autocast,
                    flash_sdpa=cuda, kernels=kernels, native_rms_norm=native, frozen_vision_attention=not train_vision,
-                   notes=tuple(notes))
+                   compile_layers=compile_layers, liger_language_model=not compile_layers, notes=tuple(notes))
 
     def replace(self, **flags: Any) -> "FastPath":
         return dataclasses.replace(self, **flags)
 
     def describe(self) -> str:
         on = [f.name for f in dataclasses.fields(self)
-              if f.type in (bool, "bool") and getattr(self, f.name) and f.name != "liger_rms_norm"]
+              if f.type in (bool, "bool") and getattr(self, f.name)
+              and f.name not in ("liger_rms_norm", "liger_language_model")]
         return f"fast path: {', '.join(on) or 'off'}" + "".join(f"\n  {n}" for n in self.notes)
 
     # ---- applying it
@@ -116,8 +131,11 @@ class FastPath:
         done = []
         if self.kernels != "none":
             liger_norm = self.liger_rms_norm and not self.native_rms_norm
-            apply_kernels(model, self.kernels, rms_norm=liger_norm)
-            done.append(f"kernels: {self.kernels}" + ("" if liger_norm else " (without its RMSNorm)"))
+            lm = self.liger_language_model
+            if liger_norm or lm:
+                apply_kernels(model, self.kernels, rms_norm=liger_norm, language_model=lm)
+            left = [n for n, on in (("its RMSNorm", liger_norm), ("its language-model SwiGLU and rotary", lm)) if not on]
+            done.append(f"kernels: {self.kernels}" + (f" (without {' or '.join(left)})" if left else ""))
         if self.native_rms_norm:
             done.append(f"RMSNorm: {use_fused_rms_norm(model)} modules on PyTorch's fused kernel")
         if self.vision_varlen:
@@ -128,6 +146,11 @@ class FastPath:
                 n = swap_frozen_vision_attention(model, rope)
                 liger = " (Liger rotary)" if rope == "liger" and n else ""
                 done.append(f"vision attention: {n} frozen blocks as one module{liger}")
+        if self.compile_layers:
+            from .compiled import decoder_layers
+
+            done.append(f"language model: {len(decoder_layers(model))} decoder layers compiled for training "
+                        f"(torch.compile; the first batches of new shapes take a while to compile)")
         if self.align_vision_mlp:
             n = align_vision_mlp(model)
             family = getattr(getattr(model, "config", None), "model_type", None)

@@ -43,8 +43,9 @@ def resolve_kernels(kernels: str, model_type: str | None, cuda: bool | None = No
     return "liger", "CUDA GPU and liger-kernel found"
 
 
-def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True) -> bool:
-    """Patch ``model`` (before adapters are attached) with the chosen kernels. Returns whether it did."""
+def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True, language_model: bool = True) -> bool:
+    """Patch ``model`` (before adapters are attached) with the chosen kernels. Returns whether it did.
+    ``language_model=False`` leaves out Liger's SwiGLU and rotary (compiled decoder layers fuse that work)."""
     if kernels == "none":
         return False
     if kernels != "liger":
@@ -60,8 +61,9 @@ def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True) -
     except ImportError:
         raise ConfigError("model.kernels=liger needs the liger-kernel package: pip install 'qwenvl-tune[kernels]'") \
             from None
-    getattr(liger, LIGER_PATCHES[model_type])(rope=True, rms_norm=rms_norm, cross_entropy=False,
-                                              fused_linear_cross_entropy=False, model=model)
+    lm = {} if language_model else {"rope": False, "swiglu": False}  # else Liger's own choice per family
+    getattr(liger, LIGER_PATCHES[model_type])(rms_norm=rms_norm, cross_entropy=False, fused_linear_cross_entropy=False,
+                                              model=model, **lm)
     return True
 
 

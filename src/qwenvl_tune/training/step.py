@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config
 from ..errors import QwenVLTuneError
+from ..modeling.compiled import CompiledLayers
 from ..modeling.fastpath import FastPath
 from ..modeling.loss import answer_only_loss, with_loader_indices
 from ..modeling.generate import MODEL_INPUTS
@@ -45,6 +46,8 @@ class TrainStep(torch.nn.Module):
         self.fast = fast if isinstance(fast, FastPath) else (FastPath() if fast else FastPath.off())
         self.positions = PositionCheck()  # the loader's rope position ids, checked against the model's once
         self.features = features  # an ImageFeatureCache (training/features.py), or None
+        # the language model's decoder layers compiled, used by training forward passes only (modeling/compiled.py)
+        self.compiled = CompiledLayers(model) if self.fast.compile_layers else None
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -59,7 +62,8 @@ class TrainStep(torch.nn.Module):
         if self.features is not None and self.training and positions:
             # kept image features in place of the pixels, or a scope that keeps the tower's output
             inputs, scope = self.features.inputs(self.model, inputs, batch)
-        with scope:
+        compiled = self.compiled.active() if self.compiled is not None and self.training else contextlib.nullcontext()
+        with scope, compiled:
             return answer_only_loss(self.model, inputs, batch["labels"], batch.get("answer_positions"),
                                     chunked=self.fast.chunked_loss)
 

@@ -1,0 +1,136 @@
+"""Compiled decoder layers (``model.compile``): the same loss and gradients as the eager layers, compiled once for
+every later length, and never used outside a training forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from qwenvl_tune.config import build_config
+from qwenvl_tune.data.check import check_split
+from qwenvl_tune.data.collate import RecordDataset, TrainCollator
+from qwenvl_tune.modeling import compiled as fcompiled
+from qwenvl_tune.modeling.fastpath import FastPath
+from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
+from qwenvl_tune.training.setup import _encoder_and_vision
+from qwenvl_tune.training.step import TrainStep
+
+
+@pytest.fixture(autouse=True)
+def _graph_capture_on_cpu(monkeypatch):
+    """The graph capture and autograd split of Inductor, with eager kernels (Inductor's own are run on the GPU,
+    tests/test_gpu.py); a fresh compile cache for each test."""
+    monkeypatch.setattr(fcompiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _setup(data, ckpt, tmp_path, **extra):
+    cfg = build_config(None, tiny_overrides(data, ckpt, tmp_path, **{"lora.target_modules": "all-linear",
+                                                                       "train.image_cache_gib": 0, **extra}))
+    proc = load_processor(ckpt, cfg.data.min_pixels, cfg.data.max_pixels)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(cfg.model), cfg)
+    fast = FastPath.resolve(cfg.model, model.config, cuda=False)
+    enc, vision = _encoder_and_vision(cfg, proc, fast)
+    rows = RecordDataset(check_split(data, "train").records, enc, "train")
+    return model.train(), fast, rows, TrainCollator(enc.pad_id, vision)
+
+
+def _loss_and_grads(step, batch):
+    step.model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same LoRA dropout masks each time
+    loss = step(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_compiled_layers_give_the_eager_loss_and_gradients_and_compile_once_for_all_lengths(
+        family, tiny_family, sample_data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    model, fast, rows, collate = _setup(sample_data, tiny_family(family), tmp_path, **{"model.compile": "on"})
+    assert fast.compile_layers and not fast.liger_language_model
+    eager, compiled = TrainStep(model, fast.replace(compile_layers=False)), TrainStep(model, fast)
+    assert compiled.compiled is not None and len(compiled.compiled) == model.config.get_text_config().num_hidden_layers
+
+    batches = [collate([rows[i], rows[i + 1]]) for i in range(0, 6, 2)]
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    assert len(set(lengths)) == 3, lengths
+    graphs = []
+    for batch in batches:
+        want, got = _loss_and_grads(eager, batch), _loss_and_grads(compiled, batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert torch.equal(want[0], got[0]), (want[0], got[0])
+        assert want[1].keys() == got[1].keys() and len(want[1]) > 10
+        assert all(torch.equal(want[1][n], got[1][n]) for n in want[1]), \
+            [n for n in want[1] if not torch.equal(want[1][n], got[1][n])]
+    assert graphs[0] > 0, "the compiled layers ran"
+    # the second length recompiles with the length symbolic; the third reuses that graph
+    assert graphs[2] == graphs[1], graphs
+    assert all(layer._compiled_call_impl is None for layer in compiled.compiled.layers)
+
+
+def test_generation_and_evaluation_run_the_layers_eagerly(tiny_dir, sample_data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    model, fast, rows, collate = _setup(sample_data, tiny_dir, tmp_path, **{"model.compile": "on"})
+    step = TrainStep(model, fast)
+    batch = collate([rows[0], rows[1]])
+    _loss_and_grads(step, batch)
+    frames = counters["stats"]["calls_captured"]
+    assert frames > 0
+
+    step.eval()
+    with torch.no_grad():
+        step(batch)  # a validation loss
+        out = step.generate(input_ids=batch["input_ids"][:1, :40], attention_mask=torch.ones_like(
+            batch["input_ids"][:1, :40]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 43
+    assert counters["stats"]["calls_captured"] == frames, "nothing was compiled outside training"
+
+
+def test_model_compile_setting_resolves_per_machine_and_method(tiny_dir, tmp_path):
+    from qwenvl_tune.modeling.load import load_model_config
+
+    hf = load_model_config(tiny_dir)
+
+    def resolve(cuda, **over):
+        cfg = build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path, **over))
+        return FastPath.resolve(cfg.model, hf, cuda=cuda)
+
+    assert resolve(True).compile_layers and not resolve(True).liger_language_model
+    off = resolve(False)
+    assert not off.compile_layers and off.liger_language_model
+    assert any("no CUDA GPU" in n and "model.compile=on" in n for n in off.notes)
+    assert resolve(False, **{"model.compile": "on"}).compile_layers
+    assert not resolve(True, **{"model.compile": "off"}).compile_layers
+    gc = resolve(True, **{"model.gradient_checkpointing": True})
+    assert not gc.compile_layers and any("gradient checkpointing" in n for n in gc.notes)
+    fsdp = FastPath.resolve(build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path)).model, hf, cuda=True,
+                            fsdp=True)
+    assert not fsdp.compile_layers
+    assert not resolve(True, **{"model.fast_path": False}).compile_layers
+
+
+def test_kept_image_features_reuse_the_compiled_graphs(tiny_dir, sample_data, tmp_path):
+    """A later epoch's batch (image features kept, so no vision-tower indices) runs the graphs of the first: the
+    tower's ``image_*`` arguments never reach a compiled layer, and the numbers are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from qwenvl_tune.training.features import ImageFeatureCache
+
+    model, fast, rows, collate = _setup(sample_data, tiny_dir, tmp_path, **{"model.compile": "on"})
+    step = TrainStep(model, fast, ImageFeatureCache(model, 1.0))
+    eager = TrainStep(model, fast.replace(compile_layers=False))
+    batch = collate([rows[0], rows[1]])
+    first = _loss_and_grads(step, batch)  # runs the tower, keeps its output
+    graphs = counters["stats"]["unique_graphs"]
+    second = _loss_and_grads(step, batch)  # kept features: no tower, no image_* inputs
+    assert step.features.hits == 2 and counters["stats"]["unique_graphs"] == graphs
+    want = _loss_and_grads(eager, batch)
+    for got in (first, second):
+        assert torch.equal(want[0], got[0]) and all(torch.equal(want[1][n], got[1][n]) for n in want[1])
