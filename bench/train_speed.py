@@ -602,13 +602,13 @@ VARIANTS = [
     {"name": "ours_qlora_b4", "method": "qlora", "fast": True, "batch": 4, "desc": "qwenvl-tune qlora, batch 4 length-grouped"},
     {"name": "ours_qlora_lowmem", "method": "qlora", "fast": True, "batch": 1, "gc": True,
      "desc": "qwenvl-tune qlora + gradient checkpointing, batch 1"},
-    # Eager decoder layers with Liger's SwiGLU and rotary: the defaults before 2026-12-03 (model.compile=off)
+    # Eager decoder layers with Liger's SwiGLU and rotary: the defaults before model.compile (model.compile=off)
     {"name": "ours_lora_b2_liger_eager", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "compile": False, "desc": "the defaults before 2026-12-03: eager decoder layers with Liger's SwiGLU and rotary"},
+     "compile": False, "desc": "the defaults before model.compile: eager decoder layers with Liger's SwiGLU and rotary"},
     {"name": "ours_lora_b2_liger_eager_later_epoch", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
-     "compile": False, "warm_epoch": True, "desc": "the same in a later epoch (image features kept)"},
+     "compile": False, "warm_epoch": True, "desc": "the defaults before model.compile, in a later epoch (image features kept)"},
     {"name": "ours_qlora_b2_liger_eager", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
-     "compile": False, "desc": "qlora defaults before 2026-12-03 (eager decoder layers, Liger)"},
+     "compile": False, "desc": "qlora defaults before model.compile (eager decoder layers, Liger)"},
     {"name": "ours_lora_b2_liger_all_linear_eager", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "targets": "all-linear", "compile": False, "desc": "all-linear LoRA, eager decoder layers with Liger"},
     {"name": "ours_lora_auto_liger_80gb_eager_later_epoch", "method": "lora", "fast": True, "batch": "auto",
