@@ -53,9 +53,11 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_and_compile_once_for_
     from torch._dynamo.utils import counters
 
     model, fast, rows, collate = _setup(sample_data, tiny_family(family), tmp_path, **{"model.compile": "on"})
-    assert fast.compile_layers and not fast.liger_language_model
+    assert fast.compile_layers and fast.compile_vision and not fast.liger_language_model
     eager, compiled = TrainStep(model, fast.replace(compile_layers=False)), TrainStep(model, fast)
-    assert compiled.compiled is not None and len(compiled.compiled) == model.config.get_text_config().num_hidden_layers
+    assert compiled.compiled is not None
+    assert len(compiled.compiled.text) == model.config.get_text_config().num_hidden_layers
+    assert len(compiled.compiled.vision) == model.config.vision_config.depth
 
     batches = [collate([rows[i], rows[i + 1]]) for i in range(0, 6, 2)]
     lengths = [b["input_ids"].shape[1] for b in batches]
@@ -108,6 +110,7 @@ def test_model_compile_setting_resolves_per_machine_and_method(tiny_dir, tmp_pat
     assert any("no CUDA GPU" in n and "model.compile=on" in n for n in off.notes)
     assert resolve(False, **{"model.compile": "on"}).compile_layers
     assert not resolve(True, **{"model.compile": "off"}).compile_layers
+    assert resolve(True).compile_vision and not resolve(True, **{"model.train_vision": True}).compile_vision
     gc = resolve(True, **{"model.gradient_checkpointing": True})
     assert not gc.compile_layers and any("gradient checkpointing" in n for n in gc.notes)
     fsdp = FastPath.resolve(build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path)).model, hf, cuda=True,

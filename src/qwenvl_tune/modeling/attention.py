@@ -24,12 +24,15 @@ except ImportError:  # pragma: no cover - older PyTorch
     _varlen_attn = None
 
 
+# which keyword arguments this PyTorch's varlen_attn takes (read once: not in a compiled graph's path)
+_VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
+
+
 def _varlen_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                  scale: float | None) -> torch.Tensor:
-    params = inspect.signature(_varlen_attn).parameters
     cu = cu.to(torch.int32)
-    kwargs = {"scale": scale} if "scale" in params else {}
-    if "is_causal" in params:
+    kwargs = {"scale": scale} if "scale" in _VARLEN_PARAMS else {}
+    if "is_causal" in _VARLEN_PARAMS:
         kwargs["is_causal"] = False
     return _varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 

@@ -8,9 +8,10 @@ from generated code instead of eager dispatch, one autograd node per layer inste
 
 How it is scoped:
 
-- Only the language model's decoder layers, which all share one code path: the 36 layers of the 3B model
-  reuse the same compiled graphs (a layer's parameters are graph inputs), so compiling costs the same as for
-  one layer. The first epoch's vision tower and the loss stay eager.
+- The language model's decoder layers, which all share one code path: the 36 layers of the 3B model reuse
+  the same compiled graphs (a layer's parameters are graph inputs), so compiling costs the same as for one
+  layer. With a frozen tower also its blocks (``FastPath.compile_vision``; inference graphs, no autograd),
+  whose window and full-attention blocks share graphs too. The loss and the rest of the tower stay eager.
 - Only in training (``TrainStep`` enters ``CompiledLayers.active`` around the loss): validation, generation
   and export call the same layers eagerly, so the key/value cache of decoding never meets a compiled graph.
 - Shapes: the first batch compiles for its exact shape; the first batch of another length recompiles once
@@ -43,6 +44,15 @@ def _without_tower_inputs(fn):
     return call
 
 
+def vision_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The vision tower's blocks (``<tower>.blocks``), or none."""
+    from .align import vision_tower
+
+    tower = vision_tower(model)
+    blocks = getattr(tower, "blocks", None) if tower is not None else None
+    return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language model's decoder layers (``<...>.language_model.layers``), through any PEFT wrapper."""
     for name, module in model.named_modules():
@@ -61,10 +71,12 @@ class CompiledLayers:
     recorded in that forward pass, wherever it is called.
     """
 
-    def __init__(self, model: torch.nn.Module, backend: str | None = None):
-        self.layers = decoder_layers(model)
-        if not self.layers:
+    def __init__(self, model: torch.nn.Module, backend: str | None = None, vision: bool = False):
+        self.text = decoder_layers(model)
+        if not self.text:
             raise ValueError("no language-model decoder layers found to compile")
+        self.vision = vision_blocks(model) if vision else []
+        self.layers = self.text + self.vision
         # Graphs per layer code path: with and without an input gradient (the first layer's input is the frozen
         # embedding), one exact shape and one symbolic, a batch of one, lengths by multiple-of-8 alignment, and
         # in one process every model built (the benchmark builds many): PyTorch's default of 8 would run the

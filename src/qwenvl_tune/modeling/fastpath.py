@@ -22,7 +22,7 @@ Each trick computes the plain path's numbers with less waste (equivalence tests 
   ``kernels: liger``), one varlen call, proj (``attention.py``);
 - ``compile_layers``: the language model's decoder layers through ``torch.compile`` while training
   (``compiled.py``); Liger's SwiGLU and rotary then stay out of them (``liger_language_model``), as Inductor
-  fuses that element-wise work itself.
+  fuses that element-wise work itself; ``compile_vision``: a frozen tower's blocks too.
 
 Benchmarks ablate a trick by ``fast.replace(align_vision_mlp=False)``; nothing is patched.
 """
@@ -57,6 +57,7 @@ class FastPath:
     native_rms_norm: bool = False
     frozen_vision_attention: bool = True
     compile_layers: bool = False
+    compile_vision: bool = False  # a frozen tower's blocks compiled too (with compile_layers)
     liger_language_model: bool = True  # Liger's SwiGLU and rotary in the language model (off when it is compiled)
     notes: tuple[str, ...] = ()  # why a trick that could apply is off
 
@@ -108,7 +109,8 @@ class FastPath:
             notes.append("RMSNorm not fused by PyTorch: this PyTorch has no fused CUDA kernel (2.8 or later has)")
         return cls(align_vision_mlp=align, loader_indices=loader, chunked_loss=not fsdp, lora_bf16_inputs=autocast,
                    flash_sdpa=cuda, kernels=kernels, native_rms_norm=native, frozen_vision_attention=not train_vision,
-                   compile_layers=compile_layers, liger_language_model=not compile_layers, notes=tuple(notes))
+                   compile_layers=compile_layers, compile_vision=compile_layers and not train_vision,
+                   liger_language_model=not compile_layers, notes=tuple(notes))
 
     def replace(self, **flags: Any) -> "FastPath":
         return dataclasses.replace(self, **flags)
@@ -142,14 +144,16 @@ class FastPath:
             done.append("vision attention: one varlen kernel" if enable_fast_vision_attention(model)
                         else "vision attention: no vision tower found; left as it was")
             if self.frozen_vision_attention:
-                rope = "liger" if self.kernels == "liger" else "plain"
+                # compiled blocks get the library's rotary, which Inductor fuses; else Liger's one-pass kernel
+                rope = "liger" if self.kernels == "liger" and not self.compile_vision else "plain"
                 n = swap_frozen_vision_attention(model, rope)
                 liger = " (Liger rotary)" if rope == "liger" and n else ""
                 done.append(f"vision attention: {n} frozen blocks as one module{liger}")
         if self.compile_layers:
-            from .compiled import decoder_layers
+            from .compiled import decoder_layers, vision_blocks
 
-            done.append(f"language model: {len(decoder_layers(model))} decoder layers compiled for training "
+            vision = f" and {len(vision_blocks(model))} vision blocks" if self.compile_vision else ""
+            done.append(f"language model: {len(decoder_layers(model))} decoder layers{vision} compiled for training "
                         f"(torch.compile; the first batches of new shapes take a while to compile)")
         if self.align_vision_mlp:
             n = align_vision_mlp(model)

@@ -47,7 +47,7 @@ class TrainStep(torch.nn.Module):
         self.positions = PositionCheck()  # the loader's rope position ids, checked against the model's once
         self.features = features  # an ImageFeatureCache (training/features.py), or None
         # the language model's decoder layers compiled, used by training forward passes only (modeling/compiled.py)
-        self.compiled = CompiledLayers(model) if self.fast.compile_layers else None
+        self.compiled = CompiledLayers(model, vision=self.fast.compile_vision) if self.fast.compile_layers else None
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
