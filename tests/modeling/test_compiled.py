@@ -105,6 +105,7 @@ def test_model_compile_setting_resolves_per_machine_and_method(tiny_dir, tmp_pat
         return FastPath.resolve(cfg.model, hf, cuda=cuda)
 
     assert resolve(True).compile_layers and not resolve(True).liger_language_model
+    assert "take longer (model.compile=off to skip)" in resolve(True).describe()
     off = resolve(False)
     assert not off.compile_layers and off.liger_language_model
     assert any("no CUDA GPU" in n and "model.compile=on" in n for n in off.notes)
@@ -137,3 +138,33 @@ def test_kept_image_features_reuse_the_compiled_graphs(tiny_dir, sample_data, tm
     want = _loss_and_grads(eager, batch)
     for got in (first, second):
         assert torch.equal(want[0], got[0]) and all(torch.equal(want[1][n], got[1][n]) for n in want[1])
+
+
+@pytest.mark.slow
+def test_a_compiled_run_equals_the_eager_run_and_resumes_exactly(sample_data, tiny_dir, tmp_path):
+    """``qwenvl-tune train`` with ``model.compile=on``: the same losses as with eager layers, validation and
+    generation between epochs, and a run resumed from a mid-run checkpoint ends with the same adapter bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from qwenvl_tune import api
+    from training.test_resume import _cfg, _losses
+
+    kw = {"train.check_val_every_n_epoch": 1, "generate.max_new_tokens": 4, "train.max_steps": 5,
+          "train.keep_checkpoints": 5}
+    eager = _losses(api.train(_cfg(sample_data, tiny_dir, tmp_path, "eager", **{**kw, "model.compile": "off"})))
+    full = api.train(_cfg(sample_data, tiny_dir, tmp_path, "full", **{**kw, "model.compile": "on"}))
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] > 0, "the run compiled its layers"
+    assert _losses(full) == eager and len(eager) == 5
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for p in [cut / "logs", cut / "last", *(q for q in (cut / "checkpoints").glob("step=*")
+                                           if not q.name.startswith("step=0000003-"))]:
+        shutil.rmtree(p)
+    api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut", **{**kw, "model.compile": "on"}), resume=str(cut))
+    assert sorted(_losses(cut)) == [3, 4] and all(_losses(cut)[s] == eager[s] for s in (3, 4))
+    a, b = (load_file(r / "last" / "adapter_model.safetensors") for r in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

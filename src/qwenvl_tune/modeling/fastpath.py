@@ -104,6 +104,10 @@ class FastPath:
             notes.append("decoder layers not compiled: FSDP wraps them")
         elif model_cfg.compile == "auto" and not cuda:
             notes.append("decoder layers not compiled: no CUDA GPU (model.compile=on compiles on a CPU too)")
+        if compile_layers:
+            notes.append("decoder layers" + ("" if train_vision else " and the frozen vision tower's blocks")
+                         + " compiled by torch.compile for training: the first batches of new shapes take longer "
+                         "(model.compile=off to skip)")
         native = cuda and native_rms_norm_available()
         if cuda and not native:
             notes.append("RMSNorm not fused by PyTorch: this PyTorch has no fused CUDA kernel (2.8 or later has)")
