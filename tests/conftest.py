@@ -111,3 +111,12 @@ def bad_pdfs(pages: list[Image.Image]) -> dict[str, bytes]:
 
 BAD_PDF_MESSAGES = {"encrypted.pdf": "encrypted", "corrupt.pdf": "corrupt", "zero-bytes.pdf": "empty",
                     "no-pages.pdf": "no pages"}
+
+
+def step_loss_and_grads(step, batch):
+    """A ``TrainStep``'s loss on a batch and the gradients it leaves, with LoRA dropout drawn the same way each call."""
+    step.model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same LoRA dropout masks each time
+    loss = step(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import step_loss_and_grads as _loss_and_grads, tiny_overrides
 from qwenvl_tune.config import build_config
 from qwenvl_tune.data.check import check_split
 from qwenvl_tune.data.collate import RecordDataset, TrainCollator
@@ -37,14 +37,6 @@ def _setup(data, ckpt, tmp_path, **extra):
     enc, vision = _encoder_and_vision(cfg, proc, fast)
     rows = RecordDataset(check_split(data, "train").records, enc, "train")
     return model.train(), fast, rows, TrainCollator(enc.pad_id, vision)
-
-
-def _loss_and_grads(step, batch):
-    step.model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same LoRA dropout masks each time
-    loss = step(batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import step_loss_and_grads as _loss_and_grads, tiny_overrides
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
 from qwenvl_tune.data.check import check_split
@@ -38,14 +38,6 @@ def _step_and_batches(data, tiny_dir, tmp_path, gib=1.0):
     rows = RecordDataset(check_split(data, "train").records, enc, "train")
     collate = TrainCollator(enc.pad_id, vision)
     return TrainStep(model.train(), fast, ImageFeatureCache(model, gib)), rows, collate
-
-
-def _loss_and_grads(step, batch):
-    step.model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same LoRA dropout masks each time
-    loss = step(batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}
 
 
 def test_kept_features_give_the_same_loss_and_gradients_bit_for_bit(two_page_data, tiny_dir, tmp_path):
