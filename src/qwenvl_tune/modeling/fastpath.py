@@ -104,8 +104,12 @@ class FastPath:
             notes.append("decoder layers not compiled: FSDP wraps them")
         elif model_cfg.compile == "auto" and not cuda:
             notes.append("decoder layers not compiled: no CUDA GPU (model.compile=on compiles on a CPU too)")
+        compile_vision = compile_layers and not train_vision and model_cfg.method != "qlora"
+        if compile_layers and not train_vision and not compile_vision:
+            notes.append("vision blocks not compiled: 4-bit (QLoRA) vision layers in compiled blocks are not yet "
+                         "measured on a GPU")
         if compile_layers:
-            notes.append("decoder layers" + ("" if train_vision else " and the frozen vision tower's blocks")
+            notes.append("decoder layers" + (" and the frozen vision tower's blocks" if compile_vision else "")
                          + " compiled by torch.compile for training: the first batches of new shapes take longer "
                          "(model.compile=off to skip)")
         native = cuda and native_rms_norm_available()
@@ -113,7 +117,7 @@ class FastPath:
             notes.append("RMSNorm not fused by PyTorch: this PyTorch has no fused CUDA kernel (2.8 or later has)")
         return cls(align_vision_mlp=align, loader_indices=loader, chunked_loss=not fsdp, lora_bf16_inputs=autocast,
                    flash_sdpa=cuda, kernels=kernels, native_rms_norm=native, frozen_vision_attention=not train_vision,
-                   compile_layers=compile_layers, compile_vision=compile_layers and not train_vision,
+                   compile_layers=compile_layers, compile_vision=compile_vision,
                    liger_language_model=not compile_layers, notes=tuple(notes))
 
     def replace(self, **flags: Any) -> "FastPath":
@@ -138,8 +142,7 @@ class FastPath:
         if self.kernels != "none":
             liger_norm = self.liger_rms_norm and not self.native_rms_norm
             lm = self.liger_language_model
-            if liger_norm or lm:
-                apply_kernels(model, self.kernels, rms_norm=liger_norm, language_model=lm)
+            apply_kernels(model, self.kernels, rms_norm=liger_norm, language_model=lm, vision=not self.compile_vision)
             left = [n for n, on in (("its RMSNorm", liger_norm), ("its language-model SwiGLU and rotary", lm)) if not on]
             done.append(f"kernels: {self.kernels}" + (f" (without {' or '.join(left)})" if left else ""))
         if self.native_rms_norm:

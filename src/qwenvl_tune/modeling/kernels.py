@@ -16,6 +16,7 @@ of that family in the process from then on.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,11 @@ def resolve_kernels(kernels: str, model_type: str | None, cuda: bool | None = No
     return "liger", "CUDA GPU and liger-kernel found"
 
 
-def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True, language_model: bool = True) -> bool:
+def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True, language_model: bool = True,
+                  vision: bool = True) -> bool:
     """Patch ``model`` (before adapters are attached) with the chosen kernels. Returns whether it did.
-    ``language_model=False`` leaves out Liger's SwiGLU and rotary (compiled decoder layers fuse that work)."""
+    ``language_model=False`` leaves out Liger's SwiGLU and rotary, ``vision=False`` its vision-tower LayerNorm
+    (Qwen2-VL): compiled layers and blocks fuse that work themselves."""
     if kernels == "none":
         return False
     if kernels != "liger":
@@ -61,9 +64,11 @@ def apply_kernels(model: torch.nn.Module, kernels: str, rms_norm: bool = True, l
     except ImportError:
         raise ConfigError("model.kernels=liger needs the liger-kernel package: pip install 'qwenvl-tune[kernels]'") \
             from None
-    lm = {} if language_model else {"rope": False, "swiglu": False}  # else Liger's own choice per family
-    getattr(liger, LIGER_PATCHES[model_type])(rms_norm=rms_norm, cross_entropy=False, fused_linear_cross_entropy=False,
-                                              model=model, **lm)
+    patch = getattr(liger, LIGER_PATCHES[model_type])
+    off = {} if language_model else {"rope": False, "swiglu": False}  # else Liger's own choice per family
+    if not vision and "layer_norm" in inspect.signature(patch).parameters:
+        off["layer_norm"] = False
+    patch(rms_norm=rms_norm, cross_entropy=False, fused_linear_cross_entropy=False, model=model, **off)
     return True
 
 
