@@ -17,6 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -20
 fi
-VARIANTS=${VARIANTS:-guide_qlora_as_written,guide_lora_bf16,ours_lora_b2,ours_qlora_lowmem,ours_lora_b2_liger,ours_lora_b2_liger_bench_copy,ours_qlora_b2_liger,ours_lora_b4_liger}
-python3 bench/train_speed.py --size "${SIZE:-3b}" --steps "${STEPS:-32}" --warmup 4 --variants "$VARIANTS" \
+# every-row: the rows of issue 20 in one process (bench/train_speed.py PRESETS; TRL's rows need its wheels)
+VARIANTS=${VARIANTS:-every-row}
+python3 bench/train_speed.py --size "${SIZE:-3b}" --steps "${STEPS:-24}" --warmup 6 --variants "$VARIANTS" \
   --repeat "${REPEAT:-1}" ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/train_speed.log" | grep -v "Loading weights\|Writing model" | tail -25
