@@ -43,7 +43,7 @@ def _step_and_batches(data, tiny_dir, tmp_path, gib=1.0):
 def test_kept_features_give_the_same_loss_and_gradients_bit_for_bit(two_page_data, tiny_dir, tmp_path):
     step, rows, collate = _step_and_batches(two_page_data, tiny_dir, tmp_path)
     batch = collate([rows[0], rows[1], rows[2]])
-    assert batch["image_counts"] != [1, 1, 1], "a two-page document in the batch"
+    assert batch["page_counts"] != [1, 1, 1], "a two-page document in the batch"
     first = _loss_and_grads(step, batch)  # runs the tower, keeps its output per document
     assert set(step.features.kept) == {0, 1, 2} and step.features.misses == 3
     tokens = {r: t.shape[0] for r, t in step.features.kept.items()}

@@ -140,9 +140,10 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool, vision: Vi
         batch.update(vision(batch["image_grid_thw"]))
     if "index" in items[0]:
         # host-side lists (never moved to the device): pages per sample and each page's grid, for the step's
-        # image feature cache (training/features.py), which keys documents by ``index``
-        batch["image_counts"] = [len(it["image_grid_thw"]) for it in items]
-        batch["image_grid"] = batch["image_grid_thw"].tolist()
+        # image feature cache (training/features.py), which keys documents by ``index``; not ``image_*`` names,
+        # which are the vision tower's inputs (loss.with_loader_indices)
+        batch["page_counts"] = [len(it["image_grid_thw"]) for it in items]
+        batch["page_grids"] = batch["image_grid_thw"].tolist()
     for key in ("ids", "index", "targets", "padding"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]

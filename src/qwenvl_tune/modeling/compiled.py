@@ -88,9 +88,6 @@ class CompiledLayers:
         self.compiled = [_without_tower_inputs(torch.compile(layer._call_impl, backend=backend))
                          for layer in self.layers]
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         for layer, fn in zip(self.layers, self.compiled):

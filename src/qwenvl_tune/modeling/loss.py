@@ -16,10 +16,6 @@ from torch.utils.checkpoint import checkpoint
 from ..data.collate import IGNORE_INDEX
 
 
-# the image feature cache's page lists (training/features.py): batch entries, not model inputs
-CACHE_ONLY = ("image_counts", "image_grid")
-
-
 def with_loader_indices(inputs: dict[str, Any], batch: dict[str, Any], positions: bool = True) -> dict[str, Any]:
     """The model inputs plus what the data loader precomputed: the vision tower's ``image_*`` index
     tensors and, with ``positions``, the rope position ids.
@@ -30,8 +26,7 @@ def with_loader_indices(inputs: dict[str, Any], batch: dict[str, Any], positions
     attention instead of a masked kernel, and builds no mask. (Without the loader's ids the model
     derives rope positions from the mask, so it stays.)
     """
-    out = {**inputs, **{k: v for k, v in batch.items()
-                        if k.startswith("image_") and k not in inputs and k not in CACHE_ONLY}}
+    out = {**inputs, **{k: v for k, v in batch.items() if k.startswith("image_") and k not in inputs}}
     if positions and "position_ids" in batch:
         out["position_ids"] = batch["position_ids"]
         out.pop("attention_mask", None)

@@ -110,7 +110,7 @@ class ImageFeatureCache:
 
     def _keep(self, batch: dict[str, Any], captured: list[torch.Tensor]) -> None:
         """Store the captured output per document of ``batch`` (split by its pages' token counts)."""
-        rows, grids, counts = batch.get("index"), batch.get("image_grid"), batch.get("image_counts")
+        rows, grids, counts = batch.get("index"), batch.get("page_grids"), batch.get("page_counts")
         if rows is None or grids is None or counts is None or len(captured) != 1 or self.full:
             return
         feats = captured[0]
