@@ -67,12 +67,31 @@ def _only_problem(folder: Path, kind: str, line: int, field: str | None = None, 
     ({**GOOD, "suffix": {}}, "SchemaError", "suffix"),
     ({**GOOD, "suffix": 42}, "SchemaError", "suffix"),
     ({**GOOD, "image": ""}, "SchemaError", "image"),
+    ('{"image": "ok.png", "prefix": "x", "suffix": {"total": NaN}}', "JSONLError", None),  # Python's json reads these
+    ('{"image": "ok.png", "prefix": "x", "suffix": [1, -Infinity]}', "JSONLError", None),
 ])
 def test_bad_rows(tmp_path, bad, kind, field):
     folder = _split(tmp_path, [GOOD, bad, GOOD])
     rep, p = _only_problem(folder, kind, 2, field)
     assert [r.line for r in rep.records] == [1, 3]  # the others are kept, nothing silently dropped
     assert rep.rows == 3
+
+
+def test_nan_and_infinity_are_not_json_but_their_names_in_strings_are(tmp_path):
+    line = '{"image": "ok.png", "prefix": "Infinity NaN", "suffix": {"note": "NaN", "total": Infinity}}'
+    rep, p = _only_problem(_split(tmp_path, [GOOD, line]), "JSONLError", 2)
+    # the column points at the constant, not at the same word inside a string before it
+    assert "Infinity is not JSON" in str(p) and f"column {line.index('Infinity}') + 1}" in str(p)
+    ok = {**GOOD, "prefix": "NaN", "suffix": {"note": "Infinity", "n": 1e308}}
+    assert len(check_split(_split(tmp_path / "ok", [ok]).parent, "train").records) == 1
+
+
+def test_a_tables_nan_answer_is_an_error_naming_the_cell():
+    from qwenvl_tune.data.records import SchemaError, check_answer
+
+    with pytest.raises(SchemaError, match=r"t.parquet:3 \[answer\]: 'answer' holds NaN or Infinity"):
+        check_answer({"total": float("nan")}, "t.parquet", 3, "answer")
+    assert check_answer({"total": 1.5}, "t.parquet", 3, "answer") == {"total": 1.5}
 
 
 def test_extra_keys_are_ignored_and_reported_once_never_an_error(tmp_path):

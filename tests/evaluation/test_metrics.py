@@ -16,6 +16,10 @@ def test_parse_json_is_strict():
     assert parse_json(' {"a": 1} ') == (True, {"a": 1})
     assert parse_json('```json\n{"a": 1}\n```')[0] is False
     assert parse_json('{"a": 1')[0] is False
+    # Python's json module reads NaN and Infinity; no JSON parser of a client does, so they are invalid output
+    for text in ('{"a": NaN}', '[Infinity]', '{"a": -Infinity}', 'NaN'):
+        assert parse_json(text) == (False, None), text
+    assert parse_json('{"a": "NaN", "b": -1e400}') == (True, {"a": "NaN", "b": float("-inf")})
 
 
 def test_flatten_paths():

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import MissingExtraError
 from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
-                      SplitError, SplitRows, check_answer, parse_conversation, read_split)
+                      SplitError, SplitRows, check_answer, loads_json, parse_conversation, read_split)
 
 JSONL, PARQUET, ARROW = "jsonl", "parquet", "arrow"
 FORMAT_LABELS = {PARQUET: "Parquet", ARROW: "Hugging Face datasets folder (save_to_disk)"}
@@ -214,7 +214,7 @@ def _answer(value: Any, table: str, row: int, column: str) -> tuple[Any, bool]:
     donut = False
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
+            parsed = loads_json(value)
         except json.JSONDecodeError:
             parsed = None
         if isinstance(parsed, dict) and "gt_parse" in parsed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,32 @@ def serialize_target(suffix: Any) -> str:
     """The assistant's answer as text: strings as is, JSON with key order and non-ASCII kept."""
     if isinstance(suffix, str):
         return suffix
-    return json.dumps(suffix, ensure_ascii=False)
+    return json.dumps(suffix, ensure_ascii=False, allow_nan=False)
+
+
+class _Constant(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+# a JSON string (skipped) or one of Python's non-standard constants
+_CONSTANT_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)')
+
+
+def loads_json(text: str, **kwargs: Any) -> Any:
+    """``json.loads`` without Python's extensions: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259),
+    and a text holding one raises ``json.JSONDecodeError`` at its place, as any other invalid JSON does. Every
+    answer, annotation and model output is read through this, so an answer that no JSON parser but Python's reads
+    is never trained on, nor scored valid."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, **kwargs)
+    except _Constant as e:
+        found = next((m for m in _CONSTANT_OR_STRING.finditer(text) if m.group(1)), None)
+        raise json.JSONDecodeError(f"{e.args[0]} is not JSON (write null or a string)", text,
+                                   found.start(1) if found else 0) from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -136,7 +162,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_line(text: str, file: str, line: int) -> dict[str, Any]:
     """Parse one JSONL line into a dict; raise JSONLError naming the place."""
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = loads_json(text, object_pairs_hook=_no_duplicates)
     except DuplicateKeyError as e:
         raise JSONLError(f"duplicate key '{e.args[0]}' in one object", file, line, str(e.args[0])) from None
     except json.JSONDecodeError as e:
@@ -198,6 +224,13 @@ def check_answer(answer: Any, file: str, line: int, field: str) -> Any:
         if not answer:
             raise SchemaError(f"'{field}' is an empty {type(answer).__name__}; it must hold the target answer",
                               file, line, field)
+        try:  # a table's cell can hold a float NaN, which JSON has no way to write
+            json.dumps(answer, allow_nan=False)
+        except ValueError:
+            raise SchemaError(f"'{field}' holds NaN or Infinity, which JSON does not have (use null or a string)",
+                              file, line, field) from None
+        except TypeError as e:
+            raise SchemaError(f"'{field}' holds a value JSON cannot write: {e}", file, line, field) from None
     else:
         raise SchemaError(f"'{field}' must be a string, object or array, got {type(answer).__name__}", file, line, field)
     return answer

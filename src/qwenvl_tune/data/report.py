@@ -14,7 +14,7 @@ from typing import Any
 from .check import SplitReport, check_split
 from .documents import PageLimits
 from .formats import Columns, locate_split
-from .records import FORMAT_NAMES, SplitError
+from .records import FORMAT_NAMES, SplitError, loads_json
 
 
 def _json_shape(report: SplitReport) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def _json_shape(report: SplitReport) -> dict[str, Any]:
         value = r.suffix
         if isinstance(value, str):
             try:
-                value = json.loads(value)
+                value = loads_json(value)
             except json.JSONDecodeError:
                 continue
         if not isinstance(value, (dict, list)):

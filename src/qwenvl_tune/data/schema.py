@@ -11,6 +11,8 @@ import json
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
+from .records import loads_json
+
 _TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null", dict: "object",
           list: "array"}
 
@@ -54,7 +56,7 @@ def infer_schema(answers: Iterable[Any]) -> dict[str, Any] | None:
     for a in answers:
         if isinstance(a, str):
             try:
-                a = json.loads(a)
+                a = loads_json(a)
             except json.JSONDecodeError:
                 return None
         if not isinstance(a, (dict, list)):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError, parse_row
+from ..data.records import DataError, loads_json, parse_row
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -22,7 +22,7 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 def _prediction(line: str) -> tuple[str | None, str]:
     """(id, raw output) of a prediction line; a line that is no JSON at all is itself the raw output."""
     try:
-        value = json.loads(line)
+        value = loads_json(line)
     except json.JSONDecodeError:
         return None, line
     if isinstance(value, dict) and "output" in value and isinstance(value["output"], str):
@@ -35,7 +35,7 @@ def _prediction(line: str) -> tuple[str | None, str]:
 def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, list[str]]:
     """(id, gold answer, document files) of a gold line: ``{"id", "gold"}`` or an annotation row of any layout."""
     try:
-        value = json.loads(line)
+        value = loads_json(line)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg}", path, n) from None
     if not isinstance(value, dict):

@@ -26,6 +26,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 from ..config import METRICS
+from ..data.records import loads_json
 
 _MISSING = object()
 
@@ -41,7 +42,7 @@ def edit_distance(pred: str, gold: str) -> float:
 def parse_json(text: str) -> tuple[bool, Any]:
     """Strict JSON parse of a model output (surrounding whitespace allowed). Returns (ok, value)."""
     try:
-        return True, json.loads(text)
+        return True, loads_json(text)
     except (json.JSONDecodeError, RecursionError, TypeError):
         return False, None
 
