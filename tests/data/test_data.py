@@ -127,6 +127,22 @@ def test_missing_image(tmp_path):
     _only_problem(_split(tmp_path, [{**GOOD, "image": "nope.png"}]), "ImagePathError", 1, "image")
 
 
+@pytest.mark.parametrize("written,hint", [
+    ("OK.PNG", "ok.png"),                  # another letter case (exported from a case-blind file system)
+    ("ok.jpg", "ok.png"),                  # another extension
+    ("pages\\ok.png", "pages/ok.png"),     # Windows separators
+    ("pages/Ok.png", "pages/ok.png"),
+    ("nothing.png", None),
+])
+def test_missing_image_names_the_file_it_probably_meant(tmp_path, written, hint):
+    folder = _split(tmp_path, [{**GOOD, "image": written}])
+    (folder / "pages").mkdir()
+    swatch((9, 9, 9)).save(folder / "pages" / "ok.png")
+    _, p = _only_problem(folder, "ImagePathError", 1, "image")
+    assert "not found" in str(p)
+    assert (f"did you mean '{hint}'?" in str(p)) if hint else ("did you mean" not in str(p))
+
+
 def test_directory_as_image(tmp_path):
     folder = _split(tmp_path, [{**GOOD, "image": "sub"}])
     (folder / "sub").mkdir()

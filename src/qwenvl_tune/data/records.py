@@ -10,6 +10,7 @@ This module imports no model code.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -374,6 +375,38 @@ def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _folder_index(folder: Path, mtime_ns: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """A folder's file names by lower-cased name and by lower-cased stem (a listing per folder and version of it,
+    not per row)."""
+    by_name: dict[str, str] = {}
+    by_stem: dict[str, list[str]] = {}
+    with os.scandir(folder) as entries:
+        for e in entries:
+            by_name.setdefault(e.name.lower(), e.name)
+            by_stem.setdefault(os.path.splitext(e.name)[0].lower(), []).append(e.name)
+    return by_name, by_stem
+
+
+def _near_miss(image: str, split_dir: Path) -> str | None:
+    """The file a missing path most likely meant: Windows separators, another letter case, another extension
+    (exports from Windows and macOS, whose file systems ignore case, carry all three)."""
+    rel = image.replace("\\", "/")
+    if rel != image and (split_dir / rel).is_file():
+        return rel
+    parent, name = os.path.split(rel)
+    folder = split_dir / parent
+    try:
+        by_name, by_stem = _folder_index(folder, folder.stat().st_mtime_ns)
+    except OSError:
+        return None
+    found = by_name.get(name.lower())
+    if found is None:
+        same_stem = by_stem.get(os.path.splitext(name)[0].lower(), [])
+        found = same_stem[0] if len(same_stem) == 1 else None
+    return (f"{parent}/{found}" if parent else found) if found else None
+
+
 def resolve_image_path(image: str, split_dir: Path, file: str, line: int, field: str = "image") -> Path:
     if os.path.isabs(image) or image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
         raise ImagePathError(f"image path '{image}' is absolute; it must be relative to the split folder {split_dir}", file, line, field)
@@ -391,7 +424,9 @@ def resolve_image_path(image: str, split_dir: Path, file: str, line: int, field:
     except OSError as e:
         raise ImagePathError(f"image path '{image}' cannot be checked: {e.strerror}", file, line, field) from None
     if not exists:
-        raise ImagePathError(f"image '{image}' not found (looked for {path})", file, line, field)
+        hint = _near_miss(image, split_dir)
+        hint = f"; did you mean '{hint}'?" if hint else ""
+        raise ImagePathError(f"image '{image}' not found (looked for {path}){hint}", file, line, field)
     if is_dir:
         raise ImagePathError(f"image '{image}' is a directory, not a file", file, line, field)
     return path
