@@ -129,3 +129,14 @@ def test_version_and_meaningful_suggestions(capsys):
         with pytest.raises(SystemExit):
             main(["train", typed, "1"])
         assert f"did you mean '{meant}'" in capsys.readouterr().err
+
+
+def test_quiet_output_drops_bitsandbytes_cpu_kernel_chatter_and_verbose_keeps_it():
+    # bitsandbytes (imported by PEFT for any method) warns on AVX512-BF16 CPUs that a hub kernel is missing
+    probe = ("import logging, sys; from qwenvl_tune import cli\n"
+             "if sys.argv[1] == 'quiet': cli._quiet()\n"
+             "import peft, bitsandbytes\n"
+             "print(logging.getLogger('bitsandbytes.backends.cpu.ops').isEnabledFor(logging.WARNING))")
+    shown = {mode: subprocess.run([sys.executable, "-c", probe, mode], env=ENV, capture_output=True, text=True,
+                                  timeout=120).stdout.strip() for mode in ("quiet", "verbose")}
+    assert shown == {"quiet": "False", "verbose": "True"}

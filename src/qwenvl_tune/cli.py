@@ -153,6 +153,9 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("lightning", "lightning.fabric", "lightning_fabric", "pytorch_lightning", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes, imported by PEFT whatever the method, warns on CPUs with AVX512-BF16 that a hub kernel for
+    # 4-bit CPU products could not be fetched: nothing here runs 4-bit products on a CPU
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*Tensor Cores.*")
