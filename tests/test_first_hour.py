@@ -113,9 +113,16 @@ def test_a_moved_run_folder_predicts_from_another_directory(sample_data, tiny_di
 def test_predict_exit_code_counts_unreadable_inputs(sample_data, tiny_dir, tmp_path):
     run = api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"train.max_steps": 1})))
     (tmp_path / "not-an-image.jpg").write_bytes(b"text")
-    done = _cli("predict", "--run", str(run), str(tmp_path / "missing.jpg"), str(tmp_path / "not-an-image.jpg"))
+    done = _cli("predict", "--run", str(run), str(tmp_path / "missing.jpg"), str(tmp_path / "not-an-image.jpg"),
+                str(tmp_path))
     assert done.returncode == 1
-    assert "2 of 2 input(s) could not be read" in done.stderr
+    assert "3 of 3 input(s) could not be read" in done.stderr
+    errors = [json.loads(block)["error"] for block in done.stdout.replace("}\n{", "}\0{").split("\0")]
+    assert errors == [f"{tmp_path / 'missing.jpg'} [image]: file not found",
+                      f"{tmp_path / 'not-an-image.jpg'} [image]: not a readable image (not a format PIL can identify: "
+                      "JPEG, PNG, TIFF, WebP, BMP, GIF, ...)",
+                      f"{tmp_path} [image]: is a folder, not an image or PDF file"]
+    assert "--input FOLDER --output" in done.stderr  # the way to extract a folder
 
 
 def test_version_and_meaningful_suggestions(capsys):

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from . import commands
 from .errors import QwenVLTuneError, TrainingInterrupted
@@ -84,6 +85,9 @@ def _predict(o: dict, cfg: dict) -> int:
     failed = sum(1 for r in rows if "error" in r)
     if failed:
         print(f"error: {failed} of {len(rows)} input(s) could not be read (see their 'error' entries)", file=sys.stderr)
+        if any(Path(p).is_dir() for p in o["images"]):
+            print("to extract every document in a folder: qwenvl-tune predict --run RUN --input FOLDER --output "
+                  "OUT.jsonl", file=sys.stderr)
     return 1 if failed else 0
 
 

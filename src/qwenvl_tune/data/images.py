@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -37,23 +38,34 @@ def load_image(
         ImageError: naming the file, line and field ``image``.
     """
     path = Path(path)
+    # the file itself is the place when no annotation line is: its name is then said once, not twice
+    named = where[0] is not None
+    where = (where[0] if named else str(path), where[1])
+    say = f"{path.name}: " if named else ""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{say}file not found", *where, "image") from None
     except OSError as e:
-        raise ImageError(f"{path.name}: cannot read: {e.strerror}", where[0] or path, where[1], "image") from None
-    return _decode(path, path.name, size, max_pixels, where)
+        raise ImageError(f"{say}cannot read: {e.strerror}", *where, "image") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{say}is a folder, not an image or PDF file", *where, "image")
+    return _decode(path, path.name, st.st_size, max_pixels, where, named)
 
 
-def load_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int = 178_956_970) -> Image.Image:
-    """Like ``load_image``, for an uploaded file's bytes."""
-    return _decode(io.BytesIO(data), name, len(data), max_pixels, (name, None))
+def load_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int = 178_956_970,
+                     named: bool = False) -> Image.Image:
+    """Like ``load_image``, for an uploaded file's (or a table cell's) bytes; ``named``: messages start with
+    ``name`` (for a caller that re-raises them at another place)."""
+    return _decode(io.BytesIO(data), name, len(data), max_pixels, (name, None), named)
 
 
-def _decode(source, name: str, size: int, max_pixels: int, where: tuple) -> Image.Image:
+def _decode(source, name: str, size: int, max_pixels: int, where: tuple, named: bool) -> Image.Image:
+    """``named``: ``where`` is an annotation line, so the message names the file itself too."""
     file, line = where
 
     def fail(msg: str) -> ImageError:
-        return ImageError(f"{name}: {msg}", file or name, line, "image")
+        return ImageError(f"{name}: {msg}" if named else msg, file or name, line, "image")
 
     if size == 0:
         raise fail("file is empty (0 bytes)")
