@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_overrides
 from qwenvl_tune import api
 from qwenvl_tune.config import build_config
-from qwenvl_tune.data.schema import infer_schema
+from qwenvl_tune.data.schema import infer_schema, learn_schema
 from qwenvl_tune.rundir import RunDir
 
 
@@ -24,6 +24,18 @@ def test_infer_schema_hand_example():
     assert s["properties"]["items"]["maxItems"] == 4
     assert s["properties"]["items"]["items"]["properties"]["n"] == {"type": "number"}  # int and float merge
     assert infer_schema(["plain text answer"]) is None
+
+
+def test_learn_schema_names_the_answers_that_leave_decoding_without_one():
+    from types import SimpleNamespace as Row
+
+    rows = [Row(suffix={"a": "1"}, file="t.jsonl", line=n) for n in range(1, 6)]
+    schema, said = learn_schema(rows)
+    assert schema == infer_schema([{"a": "1"}] * 5) and "learnt from 5 answers" in said
+    rows[1].suffix, rows[3].suffix, rows[4].suffix = '{"a": 1', "plain text", '"a JSON string"'
+    schema, said = learn_schema(rows, shown=2)
+    assert schema is None
+    assert "3 of 5 training answers are not JSON objects or arrays (t.jsonl:2, t.jsonl:4, ...)" in said
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,28 @@ def infer_schema(answers: Iterable[Any]) -> dict[str, Any] | None:
     if not values:
         return None
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(values)}
+
+
+def _not_json(answer: Any) -> bool:
+    if isinstance(answer, str):
+        try:
+            answer = loads_json(answer)
+        except json.JSONDecodeError:
+            return True
+    return not isinstance(answer, (dict, list))
+
+
+def learn_schema(records: Sequence[Any], shown: int = 3) -> tuple[dict[str, Any] | None, str]:
+    """The schema of the training records' answers, and a line saying what decoding will do with it: the places
+    (file:line) of answers that are not JSON objects/arrays when there are any, as one such answer leaves
+    every answer undecided by a schema."""
+    bad = [r for r in records if _not_json(r.suffix)]
+    if bad:
+        where = ", ".join(f"{r.file}:{r.line}" for r in bad[:shown]) + (", ..." if len(bad) > shown else "")
+        return None, (f"answer schema: none, as {len(bad)} of {len(records)} training answers are not JSON objects or "
+                      f"arrays ({where}); predict, evaluate and serve decode without one")
+    schema = infer_schema(r.suffix for r in records)
+    if schema is None:
+        return None, "answer schema: none (no training answers)"
+    return schema, (f"answer schema: learnt from {len(records)} answers (answer_schema.json); predict, evaluate and "
+                    f"serve decode under it, so every answer parses")

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.records import DataError
-from ..data.schema import infer_schema
+from ..data.schema import learn_schema
 from ..errors import TrainingInterrupted
 from ..modeling.fastpath import FastPath
 from ..modeling.load import (check_model_source, count_parameters, load_base_model, load_model_config,
@@ -66,7 +66,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         train_rep, valid_rep = setup_data(config, processor, run, write=main)
         if main and ckpt is None:
             run.write_config(config)
-            run.write_schema(infer_schema(r.suffix for r in train_rep.records))
+            schema, said = learn_schema(train_rep.records)
+            run.write_schema(schema)
+            print(said)
         fast = FastPath.resolve(config.model, load_model_config(config.model.name_or_path),
                                 fsdp=fabric_is_fsdp(fabric), autocast=uses_autocast(config.train.precision),
                                 cuda=fabric.device.type == "cuda")
