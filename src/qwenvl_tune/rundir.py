@@ -18,14 +18,16 @@ name. Nothing outside this module spells one of these names.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -43,6 +45,11 @@ PUBLISHED = ("best", "last")
 # files of a checkpoint folder that belong to this package, not to the Hugging Face layout
 PRIVATE_FILES = (MARKER, TRAINER_STATE)
 EXPORT_INFO = "qwenvl_tune_export.json"
+LOCK_FILE = ".training.lock"  # who trains the run now (kept: unlinking a lock file races with a third process)
+
+
+class RunBusy(QwenVLTuneError):
+    """Another process is training (or resuming) the same run folder."""
 
 
 class CheckpointError(QwenVLTuneError, RuntimeError):
@@ -187,6 +194,35 @@ class RunDir:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @contextlib.contextmanager
+    def training_lock(self) -> Iterator[None]:
+        """The run folder to this process alone while it trains: a second ``train`` (or ``--resume``) of the same
+        run refuses, naming the host and pid that hold it, instead of both writing checkpoints, ``best/`` and
+        ``last/`` into one folder (and one deleting the other's unfinished writes as stale). The kernel drops
+        the lock when its process dies, so a killed run never leaves its folder locked."""
+        import fcntl
+
+        fh = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunBusy(f"run folder {self} is being trained now by {holder}; wait for it to end (then --resume "
+                          f"{self} continues it), or choose another --name") from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     def exists(self) -> bool:
         return self.path.is_dir()

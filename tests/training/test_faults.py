@@ -49,6 +49,16 @@ _KILLER = textwrap.dedent("""
             if lp.progress.step == arg + 1:
                 die()
         loop.optimizer_step = optimizer_step
+    elif point == "pause_after_step":  # after optimizer step `arg`: say so, then wait for the test's go-ahead
+        import pathlib, time
+        real_step = loop.optimizer_step
+        def optimizer_step(lp, pending):
+            real_step(lp, pending)
+            if lp.progress.step == arg + 1:
+                pathlib.Path(os.environ["PAUSED"]).touch()
+                while not pathlib.Path(os.environ["GO_ON"]).exists():
+                    time.sleep(0.05)
+        loop.optimizer_step = optimizer_step
     elif point == "inside_save":  # while writing the checkpoint of step `arg` (weights written, marker not)
         real_save = checkpoints.save_checkpoint
         def save_checkpoint(model, processor, dest, meta, *a, **k):
@@ -166,3 +176,32 @@ def test_sigterm_saves_and_exits_nonzero_then_resume_equals(reference, sample_da
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     _run(["train", "--resume", str(run)])
     _assert_same_as_reference(run, reference)
+
+
+def test_a_second_copy_of_a_running_train_refuses_and_the_first_is_unharmed(reference, sample_data, tiny_dir):
+    """Two copies of one command (a double-submitted job, a retry while the first still runs) must not both write
+    checkpoints, best/ and last/ into one run folder, nor one delete the other's unfinished writes as stale."""
+    out = reference[0]
+    run, paused, go_on = out / "twice", out / "twice.paused", out / "twice.go"
+    env = {**ENV, "FAULT": "pause_after_step", "FAULT_ARG": "4", "PAUSED": str(paused), "GO_ON": str(go_on)}
+    first = subprocess.Popen([sys.executable, "-c", _KILLER, *_args(sample_data, tiny_dir, out, "twice")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        deadline = time.time() + 300
+        while not paused.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), first.communicate()[1][-2000:]  # mid-epoch, a checkpoint (step 3) on disk
+        for again in (_args(sample_data, tiny_dir, out, "twice"), ["train", "--resume", str(run)],
+                      _args(sample_data, tiny_dir, out, "twice") + ["--resume", "auto"]):
+            refused = _run(again, expect=2)
+            assert f"run folder {run} is being trained now by" in refused.stderr, refused.stderr[-2000:]
+            assert f"pid {first.pid}" in refused.stderr
+    finally:
+        go_on.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    _assert_same_as_reference(run, reference)
+    # the lock goes with its process: the finished run resumes (nothing left to train) without a word about it
+    assert "being trained now" not in _run(["train", "--resume", str(run)]).stderr

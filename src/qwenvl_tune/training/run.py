@@ -55,7 +55,12 @@ def train(config: Config, resume: str | None = None) -> Path:
     main = fabric.is_global_zero
     fabric.seed_everything(config.train.seed, workers=True, verbose=False)
     existed = RunDir.at(config.run.output_dir, run_name(config)).exists()
-    run = run_folder(config, resuming=ckpt is not None, main=main)
+    with run_folder(config, resuming=ckpt is not None, main=main) as run:  # held by this process until it ends
+        return _train_in(run, fabric, config, ckpt, existed)
+
+
+def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, existed: bool) -> Path:
+    main = fabric.is_global_zero
     try:
         if main:
             check_output_dir(run, config)

@@ -3,11 +3,12 @@ checkpoints), resume discovery, the data check and the data loaders."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,17 +38,20 @@ def run_name(config: Config) -> str:
     return name
 
 
-def run_folder(config: Config, resuming: bool, main: bool) -> RunDir:
+@contextlib.contextmanager
+def run_folder(config: Config, resuming: bool, main: bool) -> Iterator[RunDir]:
+    """The run folder, made if needed and held by the main process until the block ends (``training_lock``)."""
     run_dir = RunDir.at(config.run.output_dir, run_name(config))
-    if not resuming and main and run_dir.holds_training():
-        # never start over a run's checkpoints: that would delete them
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-                          f"(or --resume auto) or choose another --name")
     try:
         run_dir.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
-    return run_dir
+    with run_dir.training_lock() if main else contextlib.nullcontext():
+        if not resuming and main and run_dir.holds_training():
+            # never start over a run's checkpoints: that would delete them
+            raise ConfigError(f"run folder {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                              f"(or --resume auto) or choose another --name")
+        yield run_dir
 
 
 def check_output_dir(run_dir: RunDir, config: Config) -> None:
