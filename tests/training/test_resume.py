@@ -130,6 +130,30 @@ def test_resume_auto_starts_fresh_then_continues(sample_data, tiny_dir, tmp_path
     assert max(_losses(run)) == 5  # steps 0..5 logged across the two invocations
 
 
+def test_a_resume_refuses_settings_it_would_ignore_and_takes_the_same_command_again(sample_data, tiny_dir, tmp_path,
+                                                                                     monkeypatch):
+    from qwenvl_tune.config import ConfigError
+    from qwenvl_tune.training.setup import resumed_config
+
+    cfg = _cfg(sample_data, tiny_dir, tmp_path, "keep", **{"train.max_epochs": 1})
+    run = api.train(cfg)
+    before = sorted(p.name for p in run.rglob("*"))
+    changed = _cfg(sample_data, tiny_dir, tmp_path, "keep", **{"train.max_epochs": 2, "train.lr": 0.5, "lora.r": 64})
+    with pytest.raises(ConfigError) as e:
+        api.train(changed, resume=str(run))
+    said = str(e.value)
+    assert "lora.r 64 (the run's: 8)" in said and "train.lr 0.5 (the run's: 0.005)" in said
+    assert "train.max_epochs" in said.split("Only")[1] and "max_epochs 2" not in said  # a length may change
+    assert sorted(p.name for p in run.rglob("*")) == before  # refused before anything was written
+    # the same command again (relative paths, the preset's keys, a batch size the probe chose) is no change
+    monkeypatch.chdir(sample_data.parent)
+    again = _cfg(Path(sample_data.name), tiny_dir, tmp_path, "keep", **{"train.max_epochs": 2})
+    assert again.data.path == sample_data.name
+    again.explicit.add("train.batch_size")
+    again.train.batch_size = "auto"
+    assert resumed_config(RunDir(run), again).train.max_epochs == 2
+
+
 def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path, monkeypatch):
     # inject NaN through the data: a NaN pixel makes every activation NaN
     from qwenvl_tune.data import collate as collate_mod

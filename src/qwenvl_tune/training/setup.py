@@ -100,9 +100,34 @@ def find_resume(spec: str, config: Config) -> tuple[RunDir | None, Path | None]:
 RESUMABLE_KEYS = ("train.max_epochs", "train.max_steps")
 
 
+# what locates the run being resumed (``--resume auto`` finds it by them), not how it trains
+_LOCATING_KEYS = ("run.output_dir", "run.name")
+
+
+def _same_setting(key: str, asked: object, saved: object) -> bool:
+    if key == "train.batch_size" and asked == "auto":
+        return True  # the run saved the size its probe chose
+    if key in ("data.path", "model.name_or_path") and isinstance(asked, str) and Path(asked.strip()).exists():
+        return str(Path(asked.strip()).resolve()) == str(saved)  # the run saved local paths absolute
+    return asked == saved
+
+
 def resumed_config(run_dir: RunDir, asked: Config) -> Config:
-    """The saved config of the run, with the training-length keys the user set explicitly now."""
+    """The saved config of the run, with the training-length keys the user set explicitly now.
+
+    Raises:
+        ConfigError: a setting given now differs from the run's, as it would be ignored: the resumed run trains
+            on as it started (the same command line given again is fine).
+    """
     saved = run_dir.config
+    mine, theirs = asked.flat(), saved.flat()
+    differ = [k for k in sorted(asked.explicit) if k not in RESUMABLE_KEYS and k not in _LOCATING_KEYS
+              and k in theirs and not _same_setting(k, mine[k], theirs[k])]
+    if differ:
+        said = ", ".join(f"{k} {mine[k]!r} (the run's: {theirs[k]!r})" for k in differ)
+        raise ConfigError(f"a resumed run trains on with its own settings, and these differ from {run_dir}'s: {said}. "
+                          f"Only {' and '.join(RESUMABLE_KEYS)} change on a resume: drop the others, or start a new "
+                          f"run with another --name")
     for key in RESUMABLE_KEYS:
         if key in asked.explicit:
             section, name = key.split(".")
