@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,8 +47,11 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
     title = f"{run.name} · {split} · {which}/"
     if from_predictions:
         rows = read_predictions(out_dir / "predictions.jsonl")
+        before = out_dir / "metrics.json"  # the rows the evaluation could not read stay named
+        kept = {k: v for k, v in json.loads(before.read_text(encoding="utf-8")).items()
+                if k in ("skipped", "problems", "decoding")} if before.is_file() else {}
         return write_outputs(out_dir, title, rows, config.metric_options(),
-                             {"split": split, "n": len(rows), "checkpoint": which, "rescored": True},
+                             {**kept, "split": split, "n": len(rows), "checkpoint": which, "rescored": True},
                              review_below=config.generate.review_below, protocol=config.metrics.protocol)
     report = check_split(data_path or config.data.path, split, limits=PageLimits.from_config(config.data),
                          columns=Columns.from_config(config.data))

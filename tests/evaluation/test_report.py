@@ -46,6 +46,23 @@ def test_outputs_written_and_consistent(tmp_path):
     assert [r["finetuned"]["raw"] for r in stored] == [r["finetuned"]["raw"] for r in _rows(tmp_path)]
 
 
+def test_rows_that_could_not_be_read_are_named_in_the_console_and_the_report(tmp_path):
+    from qwenvl_tune.evaluation.report import format_metrics
+
+    problems = [f"valid/annotations.jsonl:{n} [image]: error: image 'x{n}.png' not found" for n in range(7, 14)]
+    res = write_outputs(tmp_path / "eval", "t", _rows(tmp_path), OPTIONS,
+                        {"split": "valid", "skipped": len(problems), "problems": problems})
+    shown = format_metrics(res)
+    assert "not scored: 7 row(s) of the split could not be read" in shown
+    assert problems[0] in shown and problems[4] in shown and problems[5] not in shown and "    ..." in shown
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "7 row(s) of this split could not be read and are not scored" in page
+    assert all(p.replace("'", "&#x27;") in page for p in problems)
+    clean = write_outputs(tmp_path / "clean", "t", _rows(tmp_path), OPTIONS, {"split": "valid"})
+    assert "not scored" not in format_metrics(clean)
+    assert 'id="not-scored"' not in (tmp_path / "clean" / "report.html").read_text()
+
+
 def test_rescoring_stored_predictions_with_other_options(tmp_path):
     out = tmp_path / "eval"
     write_outputs(out, "t", _rows(tmp_path), OPTIONS)

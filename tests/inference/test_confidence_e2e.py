@@ -124,3 +124,19 @@ def test_openai_route_returns_logprobs_through_the_official_client(served_run):
     assert plain.choices[0].logprobs is None
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in tokens]
+
+
+def test_evaluate_names_the_rows_it_could_not_read_and_rescoring_keeps_them(memorised, tmp_path):
+    import shutil
+
+    run, valid = memorised
+    data = tmp_path / "data"
+    shutil.copytree(valid.parent, data)
+    with open(data / "valid" / "annotations.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"image": "gone.png", "prefix": "read", "suffix": {"route": "R1"}}\n')
+    res = api.evaluate(run, "valid", data_path=str(data), which="last")
+    assert res["skipped"] == 1 and res["finetuned"]["n"] == 2
+    assert "gone.png" in res["problems"][0] and ":3 [image]" in res["problems"][0]
+    again = api.evaluate(run, "valid", which="last", from_predictions=True)
+    assert again["problems"] == res["problems"] and again["decoding"] == res["decoding"]
+    assert "gone.png" in (Path(run) / "eval" / "valid-last" / "report.html").read_text()

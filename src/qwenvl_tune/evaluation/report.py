@@ -292,14 +292,24 @@ EMBED_LIMIT = 200  # up to this many samples the report is one self-contained fi
 PAGE_SIZE = 50
 
 
+def _not_scored_html(problems: Sequence[str], shown: int = 20) -> str:
+    if not problems:
+        return ""
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in problems[:shown])
+    more = f"<li>... and {len(problems) - shown} more (qwenvl-tune check lists them all)</li>" if len(problems) > shown else ""
+    return (f'<div class="bad" id="not-scored"><p><b>{len(problems)} row(s) of this split could not be read and are not '
+            f'scored</b>; the scores below leave them out:</p><ul>{items}{more}</ul></div>')
+
+
 def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: dict[str, Any], chart_png: bytes,
                options: dict[str, Any], decoding: dict[str, str] | None = None,
                sources: dict[str, Sequence[Any]] | None = None, review_below: float = 0.0,
-               protocol: str = "both") -> None:
+               protocol: str = "both", not_scored: Sequence[str] = ()) -> None:
     """The report: summary, charts, calibration, then the samples worst first, a page at a time, with filters by
     field, by error type, by confidence and by name. The samples travel as JSON and are drawn by the page's script,
     so 10,000 of them make a few MB of HTML; above ``EMBED_LIMIT`` samples the page thumbnails are files in
-    ``report_files/`` beside it instead of being embedded."""
+    ``report_files/`` beside it instead of being embedded. ``not_scored``: the split's invalid rows, each named
+    at the top, as the scores leave them out."""
     models = [m for m in MODELS if m in metrics]
     decoding = decoding or {}
     head = "".join(f'<th>{m}<br><span class="muted">{html.escape(decoding.get(m, ""))}</span></th>' for m in models)
@@ -360,7 +370,7 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
                                                    if review_below else "")) if has_conf else ""
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1><p class="muted">{len(rows)} samples · list matching: {html.escape(str(options.get("list_matching")))}
+<h1>{html.escape(title)}</h1>{_not_scored_html(not_scored)}<p class="muted">{len(rows)} samples · list matching: {html.escape(str(options.get("list_matching")))}
 · normalisation: casefold={options.get("casefold")}, whitespace={options.get("whitespace")}, numeric={options.get("numeric")}</p>
 <h2>Summary</h2><div class="scroll"><table class="summary" id="summary"><tr><th>metric</th>{head}</tr>{"".join(summary)}</table></div>
 <h2>Field accuracy</h2><img id="field-chart" class="chart" alt="per-field accuracy" src="data:image/png;base64,{chart}">
@@ -474,7 +484,7 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
         png = field_chart_png(metrics)
         (out_dir / "field_accuracy.png").write_bytes(png)
         write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"),
-                   sources, review_below, protocol)
+                   sources, review_below, protocol, not_scored=(extra or {}).get("problems", ()))
     return result
 
 
@@ -499,6 +509,11 @@ def format_metrics(results: dict[str, Any]) -> str:
     for m in shown_metrics(results.get("protocol", "both")):
         lines.append(f"{m:<18}" + "".join(f"{results[c][m]:>{w}.3f}" for c in cols))
     lines.append(f"{'samples':<18}" + "".join(f"{results[c]['n']:>{w}d}" for c in cols))
+    problems = results.get("problems") or []
+    if problems:
+        lines.append(f"  not scored: {len(problems)} row(s) of the split could not be read (qwenvl-tune check lists "
+                     f"them all):")
+        lines += [f"    {p}" for p in problems[:5]] + (["    ..."] if len(problems) > 5 else [])
     for c, how in (results.get("decoding") or {}).items():
         lines.append(f"  {c}: {how}")
     for c in cols:
