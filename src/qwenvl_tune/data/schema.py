@@ -88,5 +88,5 @@ def learn_schema(records: Sequence[Any], shown: int = 3) -> tuple[dict[str, Any]
     schema = infer_schema(r.suffix for r in records)
     if schema is None:
         return None, "answer schema: none (no training answers)"
-    return schema, (f"answer schema: learnt from {len(records)} answers (answer_schema.json); predict, evaluate and "
-                    f"serve decode under it, so every answer parses")
+    return schema, (f"answer schema: learnt from {len(records)} answers; predict, evaluate and serve decode under it, "
+                    f"so every answer parses")

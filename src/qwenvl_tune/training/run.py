@@ -72,8 +72,8 @@ def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, exist
         if main and ckpt is None:
             run.write_config(config)
             schema, said = learn_schema(train_rep.records)
-            run.write_schema(schema)
-            print(said)
+            saved = run.write_schema(schema)
+            print(said + (f" ({saved})" if saved else ""))
         fast = FastPath.resolve(config.model, load_model_config(config.model.name_or_path),
                                 fsdp=fabric_is_fsdp(fabric), autocast=uses_autocast(config.train.precision),
                                 cuda=fabric.device.type == "cuda")
