@@ -35,38 +35,73 @@ DOCUMENT_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", 
 
 
 def list_inputs(source: str | Path) -> list[dict[str, Any]]:
-    """Inputs as [{"input": name, "files": [paths], "prompt": str|None}] from a folder or a .jsonl list."""
+    """Inputs as [{"input": name, "files": [paths], "prompt": str|None}] from a folder or a .jsonl list.
+
+    Raises:
+        DataError: the source is missing, holds no document, or (a list) has bad lines: every bad line is named
+            by line and field, before anything is extracted.
+    """
     from ..data.records import DataError
 
     source = Path(source)
     if source.is_dir():
-        return [{"input": str(p), "files": [str(p)], "prompt": None} for p in sorted(source.rglob("*"))
-                if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES]
-    if source.suffix == ".jsonl":
-        out, names = [], set()
-        for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON at column {e.colno}: {e.msg}", source, n) from None
-            if isinstance(item, str):
-                item = {"image": item}
-            if not isinstance(item, dict):
-                raise DataError("each line must be a path or an object with 'image' or 'images'", source, n)
-            files = item.get("images", [item.get("image")] if "image" in item else None)
-            if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
-                raise DataError("each line needs an 'image' path or an 'images' list of page paths", source, n,
-                                "images" if "images" in item else "image")
-            paths = [str(Path(f) if Path(f).is_absolute() else source.parent / f) for f in files]
-            name = str(item.get("id") or "+".join(paths))
-            if name in names:
-                raise DataError(f"input '{name}' is listed twice (give each line its own 'id')", source, n, "id")
-            names.add(name)
-            out.append({"input": name, "files": paths, "prompt": item.get("prompt")})
-        return out
-    raise ValueError(f"--input must be a folder of images and PDFs or a .jsonl list, got {source}")
+        found = [{"input": str(p), "files": [str(p)], "prompt": None} for p in sorted(source.rglob("*"))
+                 if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES]
+        if not found:
+            raise DataError(f"no image or PDF files in this folder or below it (looked for "
+                            f"{', '.join(sorted(DOCUMENT_SUFFIXES))})", source)
+        return found
+    if source.suffix != ".jsonl":
+        raise DataError("--input takes a folder of images and PDFs or a .jsonl list of documents "
+                        "(to extract single files: qwenvl-tune predict --run RUN FILE ...)", source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", source) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", source) from None
+    out, names, bad = [], {}, []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(_list_item(line, n, source, names))
+        except DataError as e:
+            bad.append(e)
+    if bad:
+        listing = "\n".join(f"  {e}" for e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} bad line(s) of {len(bad) + len(out)}; nothing was extracted:\n{listing}", source)
+    if not out:
+        raise DataError("the list names no document", source)
+    return out
+
+
+def _list_item(line: str, n: int, source: Path, names: dict[str, int]) -> dict[str, Any]:
+    from ..data.records import DataError, loads_json
+
+    try:
+        item = loads_json(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON at column {e.colno}: {e.msg}", source, n) from None
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict):
+        raise DataError("each line must be a path or an object with 'image' or 'images'", source, n)
+    files = item.get("images", [item.get("image")] if "image" in item else None)
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+        raise DataError("each line needs an 'image' path or an 'images' list of page paths", source, n,
+                        "images" if "images" in item else "image")
+    if item.get("prompt") is not None and not isinstance(item["prompt"], str):
+        raise DataError(f"'prompt' must be a string, got {type(item['prompt']).__name__}", source, n, "prompt")
+    if "id" in item and not isinstance(item["id"], (str, int)):
+        raise DataError(f"'id' must be a string or a number, got {type(item['id']).__name__}", source, n, "id")
+    paths = [str(Path(f) if Path(f).is_absolute() else source.parent / f) for f in files]
+    name = str(item["id"]) if item.get("id") not in (None, "") else "+".join(paths)
+    if name in names:
+        raise DataError(f"input '{name}' is listed twice (line {names[name]} too; give each line its own 'id')",
+                        source, n, "id")
+    names[name] = n
+    return {"input": name, "files": paths, "prompt": item.get("prompt")}
 
 
 def completed_inputs(output: Path) -> set[str]:
