@@ -68,6 +68,30 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_and_compile_once_for_
     assert all(layer._compiled_call_impl is None for layer in compiled.compiled.layers)
 
 
+def test_compiled_4bit_vision_blocks_give_the_eager_loss_and_gradients(tiny_dir, sample_data, tmp_path):
+    """QLoRA's frozen tower is 4-bit: its blocks are not compiled by default until a GPU measures them
+    (``FastPath.compile_vision``); compiled, bitsandbytes' products are traced into the graphs and the step is
+    unchanged, so the benchmark's ``ours_qlora_b2_liger_compiled_vision`` measures a correct path."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch._dynamo.utils import counters
+
+    model, fast, rows, collate = _setup(sample_data, tiny_dir, tmp_path, **{
+        "model.compile": "on", "model.method": "qlora", "model.dtype": "bfloat16", "lora.target_modules": "q_proj,v_proj"})
+    assert fast.compile_layers and not fast.compile_vision  # the product's choice today
+    fast = fast.replace(compile_vision=True)
+    compiled = TrainStep(model, fast)
+    eager = TrainStep(model, fast.replace(compile_layers=False, compile_vision=False))
+    blocks = compiled.compiled.vision
+    assert len(blocks) == model.config.vision_config.depth
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for b in blocks for m in b.modules()) >= 4 * len(blocks)
+    for i in (0, 2):
+        batch = collate([rows[i], rows[i + 1]])
+        want, got = _loss_and_grads(eager, batch), _loss_and_grads(compiled, batch)
+        assert torch.equal(want[0], got[0]), (want[0], got[0])
+        assert want[1].keys() == got[1].keys() and all(torch.equal(want[1][n], got[1][n]) for n in want[1])
+    assert counters["stats"]["unique_graphs"] > 0
+
+
 def test_generation_and_evaluation_run_the_layers_eagerly(tiny_dir, sample_data, tmp_path):
     from torch._dynamo.utils import counters
 
