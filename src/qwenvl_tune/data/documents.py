@@ -181,7 +181,7 @@ def load_document(source: Source, limits: PageLimits, where: tuple[str | None, i
 def _load_bytes_at(data: bytes, name: str, limits: PageLimits, where: tuple[str | None, int | None],
                    field: str) -> Image.Image:
     try:
-        return load_image_bytes(data, name, max_pixels=limits.max_image_pixels, named=True)
+        return load_image_bytes(data, name, max_pixels=limits.max_image_pixels)
     except ImageError as e:
         raise ImageError(e.reason, where[0], where[1], field) from None
 

@@ -53,15 +53,15 @@ def load_image(
     return _decode(path, path.name, st.st_size, max_pixels, where, named)
 
 
-def load_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int = 178_956_970,
-                     named: bool = False) -> Image.Image:
-    """Like ``load_image``, for an uploaded file's (or a table cell's) bytes; ``named``: messages start with
-    ``name`` (for a caller that re-raises them at another place)."""
-    return _decode(io.BytesIO(data), name, len(data), max_pixels, (name, None), named)
+def load_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int = 178_956_970) -> Image.Image:
+    """Like ``load_image``, for an uploaded file's (or a table cell's) bytes: messages start with ``name``, as the
+    service's (one per file of a request) and a table's (re-raised at its row) name no other place."""
+    return _decode(io.BytesIO(data), name, len(data), max_pixels, (name, None), named=True)
 
 
 def _decode(source, name: str, size: int, max_pixels: int, where: tuple, named: bool) -> Image.Image:
-    """``named``: ``where`` is an annotation line, so the message names the file itself too."""
+    """``named``: messages start with the file's name, as the place they are raised at is another (an annotation
+    line, a table row, a request)."""
     file, line = where
 
     def fail(msg: str) -> ImageError:
