@@ -91,6 +91,20 @@ def test_a_failed_start_leaves_no_stub_run_folder(sample_data, tmp_path):
     assert not (tmp_path / "runs" / "run").exists()
 
 
+def test_a_data_folder_without_a_valid_split_says_how_to_make_one_and_leaves_no_run_folder(
+        sample_data, tiny_dir, tmp_path):
+    import shutil
+
+    from qwenvl_tune.data.records import SplitError
+
+    data = tmp_path / "OnlyTrain"
+    shutil.copytree(sample_data / "train", data / "train")
+    cfg = build_config(None, tiny_overrides(data, tiny_dir, tmp_path / "runs"))
+    with pytest.raises(SplitError, match=r"split 'valid' not found.*move some documents of the train split"):
+        api.train(cfg)
+    assert not (tmp_path / "runs" / "run").exists()
+
+
 def test_a_moved_run_folder_predicts_from_another_directory(sample_data, tiny_dir, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

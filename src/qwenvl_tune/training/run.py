@@ -85,7 +85,11 @@ def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, exist
         if auto and main:
             run.write_config(config)  # the size the probe chose: a resume trains with it
     except DataError:
-        raise  # the folder keeps data_problems.jsonl, which the message names (no config: not a run yet)
+        # the folder keeps data_problems.jsonl, which the message names (no config: not a run yet); a split that is
+        # not there at all was found before anything was written, and leaves no folder
+        if main and not existed and ckpt is None and not run.problems_path.exists():
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     except BaseException:
         if main and not existed and ckpt is None and not run.holds_training():
             shutil.rmtree(run.path, ignore_errors=True)  # a failed start leaves no stub run folder

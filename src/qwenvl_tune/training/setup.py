@@ -20,7 +20,7 @@ from ..data.documents import PageLimits
 from ..data.formats import Columns
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.positions import VisionIndex
-from ..data.records import DataError
+from ..data.records import DataError, SplitError
 from ..errors import RunFolderError
 from ..modeling.fastpath import FastPath
 from ..modeling.load import load_model_config
@@ -141,7 +141,13 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
-    reports = [check_split(d.path, "train", **kw), check_split(d.path, "valid", **kw)]
+    train = check_split(d.path, "train", **kw)
+    try:
+        valid = check_split(d.path, "valid", **kw)
+    except SplitError as e:
+        raise SplitError(f"{e.reason}. Training validates on it to choose best/ and to stop early: move some "
+                         f"documents of the train split (rows and their files; 10% is usual) into it", e.file) from None
+    reports = [train, valid]
     errors = [p for rep in reports for p in rep.errors]
     n_problems = write_problems(run_dir.problems_path, reports) if write else len(errors)
     for rep in reports if write else []:
