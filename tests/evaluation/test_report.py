@@ -63,6 +63,18 @@ def test_rows_that_could_not_be_read_are_named_in_the_console_and_the_report(tmp
     assert 'id="not-scored"' not in (tmp_path / "clean" / "report.html").read_text()
 
 
+def test_an_evaluation_failing_while_it_writes_leaves_the_previous_outputs_whole(tmp_path):
+    out = tmp_path / "eval"
+    write_outputs(out, "t", _rows(tmp_path), OPTIONS)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    rows = _rows(tmp_path)
+    rows[2]["images"] = [object()]  # the third line cannot be written: the failure comes mid-file
+    with pytest.raises(TypeError):
+        write_outputs(out, "t", rows, {**OPTIONS, "casefold": True})
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no half file, no temporary
+    assert len(read_predictions(out / "predictions.jsonl")) == 4
+
+
 def test_rescoring_stored_predictions_with_other_options(tmp_path):
     out = tmp_path / "eval"
     write_outputs(out, "t", _rows(tmp_path), OPTIONS)

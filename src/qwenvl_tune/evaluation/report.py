@@ -10,13 +10,14 @@ up to ``EMBED_LIMIT`` samples the thumbnails are embedded, above it they are fil
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .metrics import (SCALAR_METRICS, SampleScore, aggregate, align_lists, field_name, flatten, normalize_value,
                       parse_json, score_sample)
@@ -73,10 +74,22 @@ def prediction_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[Sampl
     return out
 
 
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it once written whole: an evaluation killed or failing while
+    it writes leaves each output as it was (or absent), never half of one for ``--from-predictions`` to re-score."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_fields_csv(path: Path, metrics: dict[str, Any]) -> None:
     models = [m for m in MODELS if m in metrics]
     fields = sorted({f for m in models for f in metrics[m].get("per_field_accuracy", {})})
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with _replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["field", "support"] + [f"{m}_accuracy" for m in models])
         for f in fields:
@@ -389,7 +402,8 @@ def write_html(path: Path, title: str, rows: Sequence[dict[str, Any]], metrics: 
 <div id="zoom" hidden><img alt="page, full size"><p class="muted">click or press Esc to close</p></div>
 <script id="data" type="application/json">{data}</script>
 <script>{SCRIPT}</script></body></html>"""
-    path.write_text(doc, encoding="utf-8")
+    with _replacing(path) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
 
 
 SCRIPT = r"""
@@ -474,15 +488,17 @@ def write_outputs(out_dir: Path, title: str, rows: Sequence[dict[str, Any]], opt
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, metrics = score_rows(rows, options, review_below)
     scored = prediction_rows(rows, scores)
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
+    with _replacing(out_dir / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in scored:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     result = {**(extra or {}), "options": options, "protocol": protocol, **metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    with _replacing(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     write_fields_csv(out_dir / "fields.csv", metrics)
     if html_report and rows:
         png = field_chart_png(metrics)
-        (out_dir / "field_accuracy.png").write_bytes(png)
+        with _replacing(out_dir / "field_accuracy.png") as tmp:
+            tmp.write_bytes(png)
         write_html(out_dir / "report.html", title, scored, metrics, png, options, (extra or {}).get("decoding"),
                    sources, review_below, protocol, not_scored=(extra or {}).get("problems", ()))
     return result
