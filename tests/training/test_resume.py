@@ -154,6 +154,34 @@ def test_a_resume_refuses_settings_it_would_ignore_and_takes_the_same_command_ag
     assert resumed_config(RunDir(run), again).train.max_epochs == 2
 
 
+def test_a_resume_on_other_training_documents_is_refused_before_anything_is_written(sample_data, tiny_dir, tmp_path):
+    import shutil
+
+    from qwenvl_tune.data.records import DataError
+    from qwenvl_tune.rundir import checkpoint_meta
+
+    data = tmp_path / "Data"
+    shutil.copytree(sample_data, data)
+    cfg = lambda epochs: _cfg(data, tiny_dir, tmp_path, "same-data", **{"train.max_epochs": epochs})  # noqa: E731
+    run = api.train(cfg(1))
+    ckpt = RunDir(run).latest_resumable()
+    assert checkpoint_meta(ckpt)["data"].startswith("6 documents, sha256 ")
+    ann = data / "train" / "annotations.jsonl"
+    original = ann.read_text()
+    rows = original.splitlines()
+    summary = (run / "data_summary.json").read_text()
+    for changed in ("\n".join(rows[:-1]) + "\n",                                      # a document fewer
+                    original.replace(rows[2], rows[2].replace('"dock": "', '"dock": "X'))):  # an answer edited
+        ann.write_text(changed)
+        with pytest.raises(DataError) as e:
+            api.train(cfg(2), resume=str(run))
+        assert "the training data is not what this run was trained on (6 documents, sha256 " in str(e.value)
+        assert (run / "data_summary.json").read_text() == summary and not (run / "logs" / "resume-1").exists()
+    ann.write_text(original)  # the same documents again: the run continues
+    api.train(cfg(2), resume=str(run))
+    assert max(_losses(run)) == 5
+
+
 def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path, monkeypatch):
     # inject NaN through the data: a NaN pixel makes every activation NaN
     from qwenvl_tune.data import collate as collate_mod

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import QwenVLTuneError
 
@@ -117,6 +117,17 @@ class Record:
     @property
     def where(self) -> tuple[str, int]:
         return self.file, self.line
+
+
+def data_fingerprint(records: Sequence[Record]) -> str:
+    """What a split's usable documents are, in one line: their count and a digest of each one's id, files, prompt,
+    system message and answer (not the files' bytes: reading every image again would cost a run's start minutes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update("\x1f".join([r.id, *r.image_names, r.prefix, r.system or "", r.target_text]).encode() + b"\x1e")
+    return f"{len(records)} documents, sha256 {h.hexdigest()[:16]}"
 
 
 def serialize_target(suffix: Any) -> str:

@@ -219,7 +219,7 @@ def save_resumable(loop: Loop, **extra: Any) -> Path:
     def state(tmp: Path) -> None:
         save_state(fabric, trainer_state(tmp), loop.module, loop.optimizer, loop.scheduler, p, sharded)
 
-    meta = {"epoch": p.epoch, "global_step": p.step, "batch_in_epoch": p.batch_in_epoch, **extra}
+    meta = {"epoch": p.epoch, "global_step": p.step, "batch_in_epoch": p.batch_in_epoch, "data": p.data, **extra}
     save_checkpoint(loop.module.module.model, loop.processor, dest, meta, state, is_main=loop.main,
                     tmp_name=f".{dest.name}.tmp-step{p.step}", state_dict=weights)
     fabric.barrier()

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError
-from ..data.records import DataError
+from ..data.records import DataError, data_fingerprint
 from ..data.schema import learn_schema
 from ..errors import TrainingInterrupted
 from ..modeling.fastpath import FastPath
 from ..modeling.load import (check_model_source, count_parameters, load_base_model, load_model_config,
                              load_processor, prepare_for_training, require_extras)
-from ..rundir import CONFIG_FILE, RunDir, copy_checkpoint, is_complete, trainer_state
+from ..rundir import CONFIG_FILE, RunDir, checkpoint_meta, copy_checkpoint, is_complete, trainer_state
 from .console import Console
 from .distributed import build_strategy, fabric_is_fsdp
 from .loop import Loop, Stopped, fit, publish
@@ -68,7 +68,10 @@ def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, exist
         log_version = run.next_log_version() if ckpt else ""
         _announce(config, run, ckpt, log_version, main)
         processor = load_processor(config.model.name_or_path, config.data.min_pixels, config.data.max_pixels)
-        train_rep, valid_rep = setup_data(config, processor, run, write=main)
+        # a resume continues the loader where it stopped, so it needs the documents the checkpoint trained on
+        # (a checkpoint from before this check carries no fingerprint)
+        trained_on = checkpoint_meta(ckpt).get("data") if ckpt is not None else None
+        train_rep, valid_rep = setup_data(config, processor, run, write=main, trained_on=trained_on)
         if main and ckpt is None:
             run.write_config(config)
             schema, said = learn_schema(train_rep.records)
@@ -169,6 +172,8 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     rng = None
     if ckpt is not None:
         loop.progress, rng = load_state(fabric, trainer_state(ckpt), module, optimizer, loop.scheduler)
+    if data:
+        loop.progress.data = data_fingerprint(data[0].records)
     loop.console = Console(fabric, _loggers(config, run, log_version) if fabric.is_global_zero else [],
                            loop.total_steps(), loop.progress.step, config.train.log_every_n_steps)
     if rng is not None:

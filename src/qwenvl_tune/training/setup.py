@@ -20,7 +20,7 @@ from ..data.documents import PageLimits
 from ..data.formats import Columns
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.positions import VisionIndex
-from ..data.records import DataError, SplitError
+from ..data.records import DataError, SplitError, data_fingerprint
 from ..errors import RunFolderError
 from ..modeling.fastpath import FastPath
 from ..modeling.load import load_model_config
@@ -137,7 +137,14 @@ def resumed_config(run_dir: RunDir, asked: Config) -> Config:
     return saved
 
 
-def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True) -> tuple[SplitReport, SplitReport]:
+def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True,
+               trained_on: str | None = None) -> tuple[SplitReport, SplitReport]:
+    """The train and valid splits checked (problems and summary written to the run folder, counts printed).
+
+    Raises:
+        DataError: bad rows (without ``data.skip_invalid``), an empty split, or (``trained_on``: a resumed run's
+            fingerprint of its documents) training documents other than those, before anything is written.
+    """
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
@@ -148,6 +155,11 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
         raise SplitError(f"{e.reason}. Training validates on it to choose best/ and to stop early: move some "
                          f"documents of the train split (rows and their files; 10% is usual) into it", e.file) from None
     reports = [train, valid]
+    now = data_fingerprint(train.records)
+    if trained_on is not None and trained_on != now:
+        raise DataError(f"the training data is not what this run was trained on ({trained_on} then; {now} now): a "
+                        f"resumed run continues exactly only on the same documents. Restore them (or point "
+                        f"--data.path at them), or start a new run with another --name", train.folder)
     errors = [p for rep in reports for p in rep.errors]
     n_problems = write_problems(run_dir.problems_path, reports) if write else len(errors)
     for rep in reports if write else []:

@@ -28,6 +28,7 @@ class Progress:
     best_step: int | None = None
     bad_validations: int = 0  # validations since the monitored metric last improved (early stopping)
     validated_step: int = -1  # the step whose weights were last validated
+    data: str | None = None  # the training documents (records.data_fingerprint): a resume needs the same ones
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Progress":
