@@ -13,15 +13,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import Config, build_config
-from .data.check import check_split
+from .data.check import SplitReport, check_split, hold_out
 from .data.documents import PageLimits, load_files
 from .data.formats import Columns
+from .data.records import SplitError
 from .evaluation.report import read_predictions, write_outputs
 from .inference.session import Predictor
 from .rundir import RunDir
 from .training.run import train
 
 __all__ = ["build_config", "train", "evaluate", "predict", "Config", "Predictor"]
+
+
+def _split_of(run: RunDir, data: str, split: str) -> SplitReport:
+    """A split of the run's data; for 'valid', when the data has none, the training documents the run held out to
+    validate on (``data.valid_fraction``)."""
+    config = run.config
+    kw = dict(limits=PageLimits.from_config(config.data), columns=Columns.from_config(config.data))
+    try:
+        return check_split(data, split, **kw)
+    except SplitError:
+        held = run.holdout() if split == "valid" else None
+        if held is None:
+            raise
+        return hold_out(check_split(data, "train", only=held, **kw), held)[1]
 
 
 def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", compare_base: bool = False,
@@ -53,8 +68,7 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         return write_outputs(out_dir, title, rows, config.metric_options(),
                              {**kept, "split": split, "n": len(rows), "checkpoint": which, "rescored": True},
                              review_below=config.generate.review_below, protocol=config.metrics.protocol)
-    report = check_split(data_path or config.data.path, split, limits=PageLimits.from_config(config.data),
-                         columns=Columns.from_config(config.data))
+    report = _split_of(run, data_path or config.data.path, split)
     records = report.records[:limit] if limit else report.records
     outputs: dict[str, list[dict[str, Any]]] = {}
     decoding: dict[str, str] = {}

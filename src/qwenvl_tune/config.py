@@ -56,6 +56,7 @@ class DataConfig:
     answer_column: str = _f("", "Parquet/datasets input: the answer column (text or JSON); empty: suffix, answer, ground_truth, ... or a messages column.")
     prompt_column: str = _f("", "Parquet/datasets input: the prompt column; empty: prefix, prompt, question, ... or data.prompt when there is none.")
     skip_invalid: bool = _f(False, "Skip rows that fail the data check (each one is reported and recorded) instead of stopping.")
+    valid_fraction: float = _f(0.0, "With no valid split in data.path: hold out this share of the training documents (at least one) to validate on, drawn with train.seed and listed in the run folder, so evaluate and resumes use the same ones. 0: a valid split is required.")
     num_workers: int = _f(2, "DataLoader worker processes for image decoding and tokenisation.")
 
 
@@ -182,6 +183,8 @@ class Config:
             raise ConfigError(f"data.min_pixels ({d.min_pixels}) must be > 0 and <= data.max_pixels ({d.max_pixels})")
         if not 0.0 <= self.generate.review_below <= 1.0:
             raise ConfigError(f"generate.review_below is a confidence in [0, 1], got {self.generate.review_below}")
+        if not 0.0 <= d.valid_fraction < 1.0:
+            raise ConfigError(f"data.valid_fraction is a share of the training documents in [0, 1), got {d.valid_fraction}")
         if d.max_pages < 1:
             raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
         if t.image_cache_gib < 0:

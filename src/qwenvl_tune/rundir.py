@@ -5,6 +5,7 @@
       overrides.yaml         the keys the user set (preset + command line), so a resume knows what was asked for
       answer_schema.json     JSON Schema learnt from the training answers
       data_summary.json      rows, usable, skipped per split;  data_problems.jsonl: every problem found
+      holdout.json           the training documents held out to validate on (data.valid_fraction)
       logs/                  metrics.csv + TensorBoard events (logs/resume-N/ for each resume)
       checkpoints/step=S-epoch=E/   resumable checkpoints
       best/  last/           published checkpoints
@@ -38,6 +39,7 @@ CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
 SCHEMA_FILE = "answer_schema.json"
 SUMMARY_FILE = "data_summary.json"
+HOLDOUT_FILE = "holdout.json"  # the training documents held out to validate on (data.valid_fraction)
 PROBLEMS_FILE = "data_problems.jsonl"
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.ckpt"
@@ -268,6 +270,17 @@ class RunDir:
     @property
     def problems_path(self) -> Path:
         return self.path / PROBLEMS_FILE
+
+    def holdout(self) -> list[str] | None:
+        """The ids of the training documents this run validates on (``data.valid_fraction``), or None."""
+        path = self.path / HOLDOUT_FILE
+        return json.loads(path.read_text(encoding="utf-8"))["ids"] if path.is_file() else None
+
+    def write_holdout(self, ids: list[str], fraction: float, seed: int) -> Path:
+        path = self.path / HOLDOUT_FILE
+        path.write_text(json.dumps({"from": "train", "fraction": fraction, "seed": seed, "ids": ids}, indent=1),
+                        encoding="utf-8")
+        return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -150,3 +150,42 @@ def test_best_ties_are_broken_by_validity_then_tree_accuracy_then_edit_distance_
     assert tie_reason(ranking_key({**base, "edit_distance": 0.3}, "val/field_f1", "max"), key) == "better edit_distance"
     assert tie_reason(key, key).endswith("the later weights")
     assert ranking_key({**base, "edit_distance": 0.3}, "val/edit_distance", "min")[0] == -0.3
+
+
+def test_valid_fraction_holds_out_training_documents_that_evaluate_and_resume_keep(sample_data, tiny_dir, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    from qwenvl_tune.rundir import RunDir, checkpoint_meta
+
+    data = tmp_path / "OnlyTrain"
+    shutil.copytree(sample_data / "train", data / "train")
+    over = {"data.valid_fraction": 0.34, "train.max_epochs": 1, "generate.max_new_tokens": 4}
+    run = api.train(build_config(None, tiny_overrides(data, tiny_dir, tmp_path, **over)))
+    held = RunDir(run).holdout()
+    assert len(held) == 2 and set(held) <= {f"train:{i}" for i in range(1, 7)}  # round(0.34 x 6)
+    out = capsys.readouterr().out
+    assert "data valid: 2 training documents held out to validate on (data.valid_fraction 0.34" in out
+    assert checkpoint_meta(RunDir(run).latest_resumable())["data"].startswith("4 documents")  # trained on the rest
+    metrics = api.evaluate(run, "valid", which="last")
+    assert metrics["n"] == 2 and not metrics.get("problems")
+    scored = [json.loads(line)["id"] for line in (run / "eval" / "valid-last" / "predictions.jsonl").open()]
+    assert sorted(scored) == sorted(held)
+    # the same seed draws the same documents, and a resume validates on the run's own
+    again = api.train(build_config(None, tiny_overrides(data, tiny_dir, tmp_path, **{**over, "run.name": "again"})))
+    assert RunDir(again).holdout() == held
+    api.train(build_config(None, tiny_overrides(data, tiny_dir, tmp_path, **{**over, "train.max_epochs": 2})),
+              resume=str(run))
+    assert RunDir(run).holdout() == held
+    assert checkpoint_meta(RunDir(run).latest_resumable())["global_step"] == 4  # 2 steps an epoch on 4 documents
+
+
+def test_valid_fraction_needs_no_holdout_when_the_data_has_a_valid_split(sample_data, tiny_dir, tmp_path, capsys):
+    from qwenvl_tune.rundir import RunDir
+
+    over = {"data.valid_fraction": 0.5, "train.max_steps": 1, "generate.max_new_tokens": 4}
+    run = api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **over)))
+    assert RunDir(run).holdout() is None
+    assert "data.valid_fraction 0.5 not used: the data has a valid split" in capsys.readouterr().out
+    with pytest.raises(Exception, match="valid_fraction is a share"):
+        build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"data.valid_fraction": 1.0})).validate()

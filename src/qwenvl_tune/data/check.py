@@ -7,12 +7,14 @@ sample's token count computed from its page sizes without loading model weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from .conversation import render
 from .documents import FileSource, PageLimits, load_pages
@@ -78,8 +80,10 @@ def sample_tokens(processor: Any, r: Record, sizes: list[tuple[int, int]], syste
 
 def check_split(data_dir: str | Path, split: str, *, processor: Any = None, system_message: str | None = None,
                 max_length: int | None = None, limits: PageLimits = PageLimits(), columns: Columns = Columns(),
-                workers: int = 4, location: SplitLocation | None = None) -> SplitReport:
-    """Read, validate and measure one split, in any supported format. A missing split raises SplitError."""
+                workers: int = 4, location: SplitLocation | None = None,
+                only: Collection[str] | None = None) -> SplitReport:
+    """Read, validate and measure one split, in any supported format. A missing split raises SplitError.
+    ``only``: the documents (ids) to check and keep; the others are read but neither opened nor kept."""
     loc = location or locate_split(data_dir, split)
     if loc is None:
         raise SplitError(f"split '{split}' not found: expected {Path(data_dir) / split / 'annotations.jsonl'}, a "
@@ -90,8 +94,10 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
     report = SplitReport(split, loc.label, read.rows, problems=read.problems, formats=read.layouts,
                          ignored=read.ignored)
     seen: Counter = Counter()
+    wanted = None if only is None else set(only)
+    records = read.records if wanted is None else [r for r in read.records if r.id in wanted]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checked = list(pool.map(lambda r: _check_pages(r, limits), read.records))
+        checked = list(pool.map(lambda r: _check_pages(r, limits), records))
     for r, sizes, pdf, err in checked:
         if err is not None:
             report.problems.append(Problem.from_error(err))
@@ -117,6 +123,41 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
         report.records.append(r)
     report.problems.sort(key=lambda p: (p.file, p.line or 0))
     return report
+
+
+def choose_holdout(train: SplitReport, fraction: float, seed: int) -> list[str]:
+    """The ids of ``fraction`` of the training documents (at least one, never all), drawn with ``seed``."""
+    ids = [r.id for r in train.records]
+    if len(ids) < 2:
+        raise DataError(f"data.valid_fraction needs at least 2 usable training documents to hold some out, the "
+                        f"train split has {len(ids)}", train.folder)
+    k = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    chosen = set(random.Random(seed).sample(ids, k))
+    return [i for i in ids if i in chosen]
+
+
+def hold_out(train: SplitReport, ids: Collection[str]) -> tuple[SplitReport, SplitReport]:
+    """(the train split without the documents ``ids``, a 'valid' split of them): a run's validation documents when
+    its data has no valid split (``data.valid_fraction``)."""
+    ids = set(ids)
+    kept = [r for r in train.records if r.id not in ids]
+    held = [r for r in train.records if r.id in ids]
+
+    def part(split: str, records: list[Record], rows: int, problems: list[Problem]) -> SplitReport:
+        keys = {r.id for r in records}
+        return dataclasses.replace(
+            train, split=split, rows=rows, records=records, problems=problems,
+            page_sizes={k: v for k, v in train.page_sizes.items() if k in keys},
+            tokens={k: v for k, v in train.tokens.items() if k in keys},
+            duplicates=0 if split == "valid" else train.duplicates, formats=dict(train.formats),
+            pdf_documents=sum(1 for r in records if any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources)))
+
+    # a held-out document that is unusable now (its file gone or broken) is named, not silently left out
+    found = {r.id for r in held}
+    gone = [Problem(train.folder, None, None, f"held-out document {i} is not usable now (qwenvl-tune check says why)",
+                    "error", "HoldoutError") for i in sorted(ids - found)]
+    return (part("train", kept, train.rows - len(ids), list(train.problems)),
+            part("valid", held, len(ids), gone))
 
 
 def write_problems(path: str | Path, reports: list[SplitReport]) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError
-from ..data.check import SplitReport, check_split, write_problems
+from ..data.check import SplitReport, check_split, choose_holdout, hold_out, write_problems
 from ..data.collate import Encoder, GenerateCollator, RecordDataset, TrainCollator
 from ..data.documents import PageLimits
 from ..data.formats import Columns
@@ -149,17 +149,29 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
     train = check_split(d.path, "train", **kw)
+    held, said = None, ""
     try:
         valid = check_split(d.path, "valid", **kw)
+        if d.valid_fraction and write:
+            print(f"data.valid_fraction {d.valid_fraction} not used: the data has a valid split")
     except SplitError as e:
-        raise SplitError(f"{e.reason}. Training validates on it to choose best/ and to stop early: move some "
-                         f"documents of the train split (rows and their files; 10% is usual) into it", e.file) from None
+        if not d.valid_fraction:
+            raise SplitError(f"{e.reason}. Training validates on it to choose best/ and to stop early: move some "
+                             f"documents of the train split (rows and their files; 10% is usual) into it, or hold "
+                             f"some out with --data.valid_fraction 0.1", e.file) from None
+        # a resumed run validates on the documents it held out when it started
+        held = run_dir.holdout() or choose_holdout(train, d.valid_fraction, config.train.seed)
+        train, valid = hold_out(train, held)
+        said = (f"data valid: {len(valid.records)} training documents held out to validate on (data.valid_fraction "
+                f"{d.valid_fraction}, train.seed {config.train.seed}; the data has no valid split)")
     reports = [train, valid]
     now = data_fingerprint(train.records)
     if trained_on is not None and trained_on != now:
         raise DataError(f"the training data is not what this run was trained on ({trained_on} then; {now} now): a "
                         f"resumed run continues exactly only on the same documents. Restore them (or point "
                         f"--data.path at them), or start a new run with another --name", train.folder)
+    if held is not None and write:
+        print(f"{said}, listed in {run_dir.write_holdout(held, d.valid_fraction, config.train.seed)}")
     errors = [p for rep in reports for p in rep.errors]
     n_problems = write_problems(run_dir.problems_path, reports) if write else len(errors)
     for rep in reports if write else []:
