@@ -24,16 +24,16 @@ import errno
 import json
 import os
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import yaml
 
 from .config import Config, apply, config_from_dict
 from .errors import QwenVLTuneError, RunFolderError
+from .locks import held
 
 CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
@@ -197,34 +197,13 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
-    @contextlib.contextmanager
-    def training_lock(self) -> Iterator[None]:
+    def training_lock(self) -> contextlib.AbstractContextManager[None]:
         """The run folder to this process alone while it trains: a second ``train`` (or ``--resume``) of the same
         run refuses, naming the host and pid that hold it, instead of both writing checkpoints, ``best/`` and
-        ``last/`` into one folder (and one deleting the other's unfinished writes as stale). The kernel drops
-        the lock when its process dies, so a killed run never leaves its folder locked."""
-        import fcntl
-
-        fh = open(self.path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise RunBusy(f"run folder {self} is being trained now by {holder}; wait for it to end (then --resume "
-                          f"{self} continues it), or choose another --name") from None
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            fh.flush()
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
+        ``last/`` into one folder (and one deleting the other's unfinished writes as stale). The lock file stays."""
+        return held(self.path / LOCK_FILE, lambda holder: RunBusy(
+            f"run folder {self} is being trained now by {holder}; wait for it to end (then --resume {self} "
+            f"continues it), or choose another --name"))
 
     def exists(self) -> bool:
         return self.path.is_dir()

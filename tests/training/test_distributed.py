@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def test_a_second_bulk_command_on_the_same_output_refuses(bulk_run, tmp_path):
     with output_lock(out):  # as a first command running now
         done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"being written by another qwenvl-tune predict (pid {os.getpid()})" in done.stderr
+    assert f"being written by another qwenvl-tune predict ({socket.gethostname()} pid {os.getpid()})" in done.stderr
     assert not out.exists() or out.read_text() == ""  # it wrote nothing
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)  # free again: it runs
     assert done.returncode == 1  # one of the inputs is unreadable (0003.png)

@@ -130,6 +130,16 @@ def data_fingerprint(records: Sequence[Record]) -> str:
     return f"{len(records)} documents, sha256 {h.hexdigest()[:16]}"
 
 
+def read_text_file(path: Path) -> str:
+    """A user's UTF-8 text file (a byte-order mark dropped); a missing or undecodable one is a DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+
+
 def serialize_target(suffix: Any) -> str:
     """The assistant's answer as text: strings as is, JSON with key order and non-ASCII kept."""
     if isinstance(suffix, str):

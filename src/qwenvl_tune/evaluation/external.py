@@ -6,17 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError, loads_json, parse_row
+from ..data.records import DataError, loads_json, parse_row, read_text_file
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError("file not found", path) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
-    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [(n, line) for n, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
 
 
 def _prediction(line: str) -> tuple[str | None, str]:

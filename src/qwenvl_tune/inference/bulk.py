@@ -27,9 +27,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from ..errors import QwenVLTuneError
+from ..locks import held
 
 DOCUMENT_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".pdf"}
 
@@ -41,7 +42,7 @@ def list_inputs(source: str | Path) -> list[dict[str, Any]]:
         DataError: the source is missing, holds no document, or (a list) has bad lines: every bad line is named
             by line and field, before anything is extracted.
     """
-    from ..data.records import DataError
+    from ..data.records import DataError, read_text_file
 
     source = Path(source)
     if source.is_dir():
@@ -54,14 +55,8 @@ def list_inputs(source: str | Path) -> list[dict[str, Any]]:
     if source.suffix != ".jsonl":
         raise DataError("--input takes a folder of images and PDFs or a .jsonl list of documents "
                         "(to extract single files: qwenvl-tune predict --run RUN FILE ...)", source)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError("file not found", source) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", source) from None
     out, names, bad = [], {}, []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(read_text_file(source).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -139,32 +134,12 @@ class OutputLocked(QwenVLTuneError):
     """Another bulk extraction holds the output file."""
 
 
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """An exclusive lock on ``output`` for the whole command (``OUTPUT.lock`` beside it, holding the pid).
-
-    The kernel drops the lock when its process dies, so a killed command never leaves the output locked.
-    """
-    path = output.with_name(output.name + ".lock")
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        raise OutputLocked(f"{output} is being written by another qwenvl-tune predict (pid {holder}); wait for it to "
-                           f"finish, or choose another --output") from None
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+def output_lock(output: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``output`` for the whole command (``OUTPUT.lock`` beside it, naming its holder, removed
+    when done); the kernel drops it when its process dies, so a killed command never leaves the output locked."""
+    return held(output.with_name(output.name + ".lock"), lambda holder: OutputLocked(
+        f"{output} is being written by another qwenvl-tune predict ({holder}); wait for it to finish, or choose "
+        f"another --output"), remove=True)
 
 
 def _die_with_parent(parent: int) -> None:
