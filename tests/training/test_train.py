@@ -189,3 +189,17 @@ def test_valid_fraction_needs_no_holdout_when_the_data_has_a_valid_split(sample_
     assert "data.valid_fraction 0.5 not used: the data has a valid split" in capsys.readouterr().out
     with pytest.raises(Exception, match="valid_fraction is a share"):
         build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{"data.valid_fraction": 1.0})).validate()
+
+
+def test_train_warns_when_answers_are_longer_than_generation_allows(sample_data, tiny_dir, tmp_path, capsys):
+    import re
+
+    over = {"train.max_steps": 1, "generate.max_new_tokens": 8, "train.check_val_every_n_epoch": 10}
+    api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **over)))
+    found = re.search(r"warning: the longest train answer is (\d+) tokens, the longest valid answer is (\d+) tokens, "
+                      r"more than generate.max_new_tokens \(8\).*--generate.max_new_tokens (\d+) or more",
+                      capsys.readouterr().out)
+    assert found and int(found[3]) > max(int(found[1]), int(found[2])) > 8
+    api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
+        **over, "generate.max_new_tokens": int(found[3]), "run.name": "enough"})))
+    assert "longest train answer" not in capsys.readouterr().out

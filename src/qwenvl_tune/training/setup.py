@@ -193,10 +193,23 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
                   f"{run_dir.problems_path}:\n{listing}")
     if write:
         run_dir.write_summary({"splits": [r.summary() for r in reports], "skipped": len(errors)})
+        _warn_if_answers_outgrow_generation(config, reports)
     for rep in reports:
         if not rep.records:
             raise DataError(f"split '{rep.split}' has no usable rows", rep.folder)
     return reports[0], reports[1]
+
+
+def _warn_if_answers_outgrow_generation(config: Config, reports: list[SplitReport]) -> None:
+    """Validation, evaluate and predict stop at generate.max_new_tokens: answers longer than that would all be
+    cut off (and scored invalid), which is a setting to raise before training, not a finding after it."""
+    limit = config.generate.max_new_tokens
+    longest = {rep.split: max((t["answer"] for t in rep.tokens.values()), default=0) for rep in reports}
+    over = {split: n for split, n in longest.items() if n > limit}
+    if over:
+        said = ", ".join(f"the longest {split} answer is {n} tokens" for split, n in over.items())
+        print(f"warning: {said}, more than generate.max_new_tokens ({limit}): validation would cut such answers off "
+              f"and score them invalid; set --generate.max_new_tokens {max(over.values()) + 64} or more")
 
 
 def _encoder_and_vision(config: Config, processor: Any, fast: FastPath | None):
