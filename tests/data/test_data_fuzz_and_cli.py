@@ -108,7 +108,16 @@ def test_check_cli_report_and_exit_codes(sample_data, tiny_dir, tmp_path, capsys
     rep = json.loads(capsys.readouterr().out)
     lines = sorted(p["line"] for p in rep["splits"]["train"]["problems"] if p["level"] == "error")
     assert rep["errors"] == 3 and lines == [n_good + 1, n_good + 2, n_good + 3]
-    assert rep["splits"]["train"]["tokens"]["image"]["max"] > 0
+    assert rep["splits"]["train"]["tokens"]["image"]["max"] > 0 and rep["notes"] == []
+
+
+def test_check_says_a_missing_valid_split_stops_train_and_how_to_make_one(sample_data, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(sample_data / "train", tmp_path / "OnlyTrain" / "train")
+    assert main(["check", str(tmp_path / "OnlyTrain")]) == 0  # the data is fine; the layout needs a word
+    out = capsys.readouterr().out
+    assert "note: no valid split: train validates on one" in out and "--data.valid_fraction 0.1" in out
 
 
 def test_keys_never_seen_in_train_are_reported(tmp_path, tiny_dir, capsys):

@@ -80,6 +80,9 @@ def build_report(data_dir: str | Path, processor: Any = None, system_message: st
         out["splits"][rep.split] = entry
     out["errors"] = sum(len(r.errors) for r in splits)
     out["max_length"] = max_length
+    out["notes"] = [] if "valid" in out["splits"] else [
+        "no valid split: train validates on one to choose best/ and to stop early; move about 10% of the training "
+        "documents into one, or train with --data.valid_fraction 0.1 to hold them out"]
     return out
 
 
@@ -123,6 +126,8 @@ def format_report(rep: dict[str, Any]) -> str:
         over = sum(1 for e in rep["splits"].values() for p in e["problems"] if p["kind"] == "SampleTooLongError")
         verdict = "all samples fit" if not over else f"{over} sample(s) over it (listed below)"
         lines += ["", f"longest sample {longest} tokens; data.max_length {rep['max_length']}: {verdict}"]
+    for note in rep.get("notes", []):
+        lines += ["", f"note: {note}"]
     problems = [(s, p) for s, e in rep["splits"].items() for p in e["problems"]]
     lines += ["", f"problems: {rep['errors']} error(s), {len(problems) - rep['errors']} warning(s)"]
     for s, p in problems:
