@@ -64,7 +64,7 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
         rows = read_predictions(out_dir / "predictions.jsonl")
         before = out_dir / "metrics.json"  # the rows the evaluation could not read stay named
         kept = {k: v for k, v in json.loads(before.read_text(encoding="utf-8")).items()
-                if k in ("skipped", "problems", "decoding")} if before.is_file() else {}
+                if k in ("skipped", "problems", "decoding", "max_new_tokens")} if before.is_file() else {}
         return write_outputs(out_dir, title, rows, config.metric_options(),
                              {**kept, "split": split, "n": len(rows), "checkpoint": which, "rescored": True},
                              review_below=config.generate.review_below, protocol=config.metrics.protocol)
@@ -90,7 +90,7 @@ def evaluate(run_dir: str | Path, split: str = "valid", *, which: str = "best", 
              **{name: answers[i] for name, answers in outputs.items()}}
             for i, r in enumerate(records)]
     extra = {"split": split, "n": len(records), "skipped": len(report.errors), "checkpoint": which,
-             "decoding": decoding}
+             "decoding": decoding, "max_new_tokens": config.generate.max_new_tokens}
     if report.errors:
         extra["problems"] = [str(p) for p in report.errors]
     return write_outputs(out_dir, title, rows, config.metric_options(), extra,

@@ -75,6 +75,15 @@ def test_an_evaluation_failing_while_it_writes_leaves_the_previous_outputs_whole
     assert len(read_predictions(out / "predictions.jsonl")) == 4
 
 
+def test_the_console_says_how_many_answers_the_token_limit_cut_off(tmp_path):
+    from qwenvl_tune.evaluation.report import format_metrics
+
+    res = write_outputs(tmp_path / "eval", "t", _rows(tmp_path), OPTIONS, {"max_new_tokens": 12}, html_report=False)
+    shown = format_metrics(res)
+    assert "finetuned: 1 of 4 answers cut off at generate.max_new_tokens (12)" in shown  # sample 3 was cut
+    assert "base:" not in shown  # no base answer was cut off
+
+
 def test_rescoring_stored_predictions_with_other_options(tmp_path):
     out = tmp_path / "eval"
     write_outputs(out, "t", _rows(tmp_path), OPTIONS)

@@ -533,6 +533,13 @@ def format_metrics(results: dict[str, Any]) -> str:
     for c, how in (results.get("decoding") or {}).items():
         lines.append(f"  {c}: {how}")
     for c in cols:
+        cut = round(results[c]["truncated"] * results[c]["n"])
+        if cut:
+            limit = results.get("max_new_tokens")
+            lines.append(f"  {c}: {cut} of {results[c]['n']} answers cut off at generate.max_new_tokens"
+                         + (f" ({limit}); if the gold answers are that long, raise --generate.max_new_tokens" if limit
+                            else ""))
+    for c in cols:
         cal = results[c].get("calibration")
         if not cal:
             continue
