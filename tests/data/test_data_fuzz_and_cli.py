@@ -138,3 +138,16 @@ def test_train_help_names_each_option_type_plainly(capsys):
                   "--model.fast_path BOOL", "--lora.target_modules LIST", "--data.system_message TEXT"):
         assert shown in out, shown
     assert "<class" not in out and "Literal[" not in out
+
+
+@pytest.mark.parametrize("typed,hint", [
+    ("Data/train/annotations.jsonl", "is a file: data.path is the folder that holds train/ and valid/, here {d}"),
+    ("Data/train", "is a split folder itself: data.path is the folder above it, {d}"),
+    ("Nowhere", "Nowhere does not exist"),
+])
+def test_a_data_path_one_level_off_says_which_folder_was_meant(sample_data, tmp_path, capsys, typed, hint):
+    import shutil
+
+    shutil.copytree(sample_data, tmp_path / "Data")
+    assert main(["check", str(tmp_path / typed)]) == 2
+    assert hint.format(d=tmp_path / "Data") in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any, Collection
 
 from .conversation import render
 from .documents import FileSource, PageLimits, load_pages
-from .formats import Columns, SplitLocation, locate_split, read_location
+from .formats import Columns, SplitLocation, layout_hint, locate_split, read_location
 from .records import DataError, Problem, Record, SplitError
 
 
@@ -87,8 +87,8 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
     loc = location or locate_split(data_dir, split)
     if loc is None:
         raise SplitError(f"split '{split}' not found: expected {Path(data_dir) / split / 'annotations.jsonl'}, a "
-                         f"datasets folder {Path(data_dir) / split}/ or Parquet files named {split}*.parquet",
-                         Path(data_dir) / split)
+                         f"datasets folder {Path(data_dir) / split}/ or Parquet files named {split}*.parquet"
+                         f"{layout_hint(data_dir)}", Path(data_dir) / split)
     columns = Columns(columns.image, columns.answer, columns.prompt, columns.default_prompt, limits.max_pages)
     read = read_location(loc, columns)
     report = SplitReport(split, loc.label, read.rows, problems=read.problems, formats=read.layouts,

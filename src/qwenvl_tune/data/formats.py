@@ -63,6 +63,20 @@ class SplitLocation:
             (str(self.path) if self.kind == ARROW else ", ".join(str(f) for f in self.files))
 
 
+def layout_hint(data_dir: str | Path) -> str:
+    """What is wrong with ``data_dir`` when it is missing, a split's annotations file or a split folder itself (the
+    usual slips), as text to end a 'split not found' message with; else ''."""
+    path = Path(data_dir)
+    if not path.exists():
+        return f" ({path} does not exist)"
+    if path.is_file():
+        above = path.parent.parent if path.parent.name in sum(SPLIT_ALIASES.values(), ()) else path.parent
+        return f" ({path} is a file: data.path is the folder that holds train/ and valid/, here {above})"
+    if (path / ANNOTATIONS).is_file() and path.name in sum(SPLIT_ALIASES.values(), ()):
+        return f" ({path} is a split folder itself: data.path is the folder above it, {path.parent})"
+    return ""
+
+
 def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
     """Where a split is, in any supported format (``valid`` also answers to ``val``/``validation``)."""
     data_dir = Path(data_dir)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .check import SplitReport, check_split
 from .documents import PageLimits
-from .formats import Columns, locate_split
+from .formats import Columns, layout_hint, locate_split
 from .records import FORMAT_NAMES, SplitError, loads_json
 
 
@@ -48,8 +48,8 @@ def build_report(data_dir: str | Path, processor: Any = None, system_message: st
         if loc is None:
             if split == "train":
                 raise SplitError(f"no train split: expected {Path(data_dir) / 'train' / 'annotations.jsonl'}, a "
-                                 f"datasets folder {Path(data_dir) / 'train'}/ or train*.parquet",
-                                 Path(data_dir) / "train")
+                                 f"datasets folder {Path(data_dir) / 'train'}/ or train*.parquet"
+                                 f"{layout_hint(data_dir)}", Path(data_dir) / "train")
             continue
         splits.append(check_split(data_dir, split, processor=processor, system_message=system_message,
                                   max_length=max_length, limits=limits, columns=columns, location=loc))
