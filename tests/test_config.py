@@ -125,7 +125,11 @@ def test_a_mistyped_local_model_path_fails_at_once_without_a_run_folder(sample_d
 
     (tmp_path / "models").mkdir()
     (tmp_path / "empty").mkdir()
-    for model, why in ((tmp_path / "models" / "qwen-typo", "no such folder"), (tmp_path / "empty", "no config.json")):
+    (tmp_path / "adapter").mkdir()  # a run's best/: an adapter, whose base is elsewhere
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/qwen-3b"}')
+    for model, why in ((tmp_path / "models" / "qwen-typo", "no such folder"), (tmp_path / "empty", "no config.json"),
+                       (tmp_path / "adapter", "holds a LoRA adapter, not a model: train from its base model "
+                                              "(/models/qwen-3b), or from the adapter merged into it")):
         over = tiny_overrides(sample_data, model, tmp_path / "runs", **{"run.name": "r"})
         assert main(["train", *[f"--{k}={v}" for k, v in over.items()]]) == 2
         assert why in capsys.readouterr().err

@@ -7,6 +7,7 @@ from a hub id or a local folder.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,12 @@ def check_model_source(name_or_path: str | Path, kind: str = "model") -> str:
     s = str(name_or_path).strip()
     p = Path(s).expanduser()
     if p.is_dir():
+        if kind == "model" and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+            # a run's best/ or last/ (or any PEFT adapter): the weights it adapts are elsewhere
+            base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or "its base"
+            raise ConfigError(f"model.name_or_path={s!r} holds a LoRA adapter, not a model: train from its base "
+                              f"model ({base}), or from the adapter merged into it (qwenvl-tune export --run RUN "
+                              f"--merge --out FOLDER, then --model FOLDER)")
         if not any((p / f).is_file() for f in FOLDER_FILES[kind]):
             raise ConfigError(f"model.name_or_path={s!r}: the folder holds no {' or '.join(FOLDER_FILES[kind])}, so "
                               f"it is not a Hugging Face {kind} folder")
