@@ -33,6 +33,12 @@ def held(path: Path, busy: Callable[[str], Exception], remove: bool = False) -> 
         holder = fh.read().strip() or "another process"
         fh.close()
         raise busy(holder) from None
+    except OSError as e:  # a file system without locks (Lustre mounted without -o flock, some FUSE mounts)
+        fh.close()
+        print(f"warning: cannot lock {path} ({e.strerror}): this file system has no file locks, so a second copy of "
+              f"this command would not be stopped")
+        yield
+        return
     try:
         fh.seek(0)
         fh.truncate()
