@@ -182,6 +182,33 @@ def test_a_resume_on_other_training_documents_is_refused_before_anything_is_writ
     assert max(_losses(run)) == 5
 
 
+def test_a_resume_may_find_its_documents_elsewhere_and_saves_its_new_length_and_place(sample_data, tiny_dir,
+                                                                                       tmp_path):
+    import shutil
+
+    from qwenvl_tune.data.records import DataError
+
+    first = tmp_path / "first" / "Data"
+    shutil.copytree(sample_data, first)
+    run = api.train(_cfg(first, tiny_dir, tmp_path, "moved", **{"train.max_epochs": 1}))
+    moved = tmp_path / "moved" / "Data"
+    shutil.move(str(first), str(moved))  # the same documents in another place
+    api.train(_cfg(moved, tiny_dir, tmp_path, "moved", **{"train.max_epochs": 2}), resume=str(run))
+    saved = RunDir(run).config
+    assert saved.data.path == str(moved.resolve()) and saved.train.max_epochs == 2  # what the next resume reads
+    assert max(_losses(run)) == 5
+    # a plain resume now continues from the saved length and place: nothing is left to train
+    api.train(_cfg(moved, tiny_dir, tmp_path, "moved", **{"train.max_epochs": 2}), resume=str(run))
+    assert max(_losses(run)) == 5
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    (other / "train" / "annotations.jsonl").write_text(
+        "\n".join((other / "train" / "annotations.jsonl").read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(DataError, match="not what this run was trained on"):
+        api.train(_cfg(other, tiny_dir, tmp_path, "moved", **{"train.max_epochs": 3}), resume=str(run))
+    assert RunDir(run).config.data.path == str(moved.resolve())  # refused: the saved place is unchanged
+
+
 def test_nan_loss_stops_with_step_and_sample_ids(sample_data, tiny_dir, tmp_path, monkeypatch):
     # inject NaN through the data: a NaN pixel makes every activation NaN
     from qwenvl_tune.data import collate as collate_mod

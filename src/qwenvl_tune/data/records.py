@@ -126,7 +126,10 @@ def data_fingerprint(records: Sequence[Record]) -> str:
 
     h = hashlib.sha256()
     for r in records:
-        h.update("\x1f".join([r.id, *r.image_names, r.prefix, r.system or "", r.target_text]).encode() + b"\x1e")
+        # files by their place in the split, so the same documents moved elsewhere are the same documents
+        here = os.path.dirname(r.file)
+        files = [os.path.relpath(n, here) if os.path.isabs(n) else n for n in r.image_names]
+        h.update("\x1f".join([r.id, *files, r.prefix, r.system or "", r.target_text]).encode() + b"\x1e")
     return f"{len(records)} documents, sha256 {h.hexdigest()[:16]}"
 
 

@@ -72,8 +72,9 @@ def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, exist
         # (a checkpoint from before this check carries no fingerprint)
         trained_on = checkpoint_meta(ckpt).get("data") if ckpt is not None else None
         train_rep, valid_rep = setup_data(config, processor, run, write=main, trained_on=trained_on)
-        if main and ckpt is None:
+        if main:  # resumed: with a longer length or the data's new place, for the next resume and for evaluate
             run.write_config(config)
+        if main and ckpt is None:
             schema, said = learn_schema(train_rep.records)
             saved = run.write_schema(schema)
             print(said + (f" ({saved})" if saved else ""))

@@ -96,8 +96,9 @@ def find_resume(spec: str, config: Config) -> tuple[RunDir | None, Path | None]:
     return run_dir, ckpt
 
 
-# what a resumed run may change: how long it trains
-RESUMABLE_KEYS = ("train.max_epochs", "train.max_steps")
+# what a resumed run may change: how long it trains, and where its documents are (a resume checks that they are
+# the documents it trained on: setup_data's trained_on)
+RESUMABLE_KEYS = ("train.max_epochs", "train.max_steps", "data.path")
 
 
 # what locates the run being resumed (``--resume auto`` finds it by them), not how it trains
@@ -107,7 +108,7 @@ _LOCATING_KEYS = ("run.output_dir", "run.name")
 def _same_setting(key: str, asked: object, saved: object) -> bool:
     if key == "train.batch_size" and asked == "auto":
         return True  # the run saved the size its probe chose
-    if key in ("data.path", "model.name_or_path") and isinstance(asked, str) and Path(asked.strip()).exists():
+    if key == "model.name_or_path" and isinstance(asked, str) and Path(asked.strip()).exists():
         return str(Path(asked.strip()).resolve()) == str(saved)  # the run saved local paths absolute
     return asked == saved
 
@@ -126,8 +127,8 @@ def resumed_config(run_dir: RunDir, asked: Config) -> Config:
     if differ:
         said = ", ".join(f"{k} {mine[k]!r} (the run's: {theirs[k]!r})" for k in differ)
         raise ConfigError(f"a resumed run trains on with its own settings, and these differ from {run_dir}'s: {said}. "
-                          f"Only {' and '.join(RESUMABLE_KEYS)} change on a resume: drop the others, or start a new "
-                          f"run with another --name")
+                          f"Only {', '.join(RESUMABLE_KEYS[:-1])} and {RESUMABLE_KEYS[-1]} (the same documents "
+                          f"elsewhere) change on a resume: drop the others, or start a new run with another --name")
     for key in RESUMABLE_KEYS:
         if key in asked.explicit:
             section, name = key.split(".")
