@@ -14,7 +14,7 @@ from conftest import ROOT
 PKG = ROOT / "src" / "qwenvl_tune"
 
 # Lower layers never import higher ones; training and inference (same layer) never import each other.
-LAYERS = {"errors": 0, "locks": 0, "config": 1, "rundir": 2, "data": 3, "modeling": 4, "evaluation": 5, "training": 6,
+LAYERS = {"errors": 0, "config": 1, "rundir": 2, "data": 3, "modeling": 4, "evaluation": 5, "training": 6,
           "inference": 6, "api": 7, "demo": 8, "commands": 8, "cli": 9, "__init__": 10}
 
 

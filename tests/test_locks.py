@@ -1,4 +1,4 @@
-"""The lock a command holds on what it writes (locks.held): one holder at a time, named to the next."""
+"""The lock a command holds on what it writes (rundir.held): one holder at a time, named to the next."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import ENV
-from qwenvl_tune.locks import held
+from qwenvl_tune.rundir import held
 
 
 class Busy(Exception):
@@ -22,7 +22,7 @@ class Busy(Exception):
 def test_a_second_holder_gets_the_first_ones_host_and_pid_and_a_dead_one_holds_nothing(tmp_path):
     lock = tmp_path / "x.lock"
     child = subprocess.Popen([sys.executable, "-c", (
-        "import sys, pathlib; from qwenvl_tune.locks import held\n"
+        "import sys, pathlib; from qwenvl_tune.rundir import held\n"
         f"with held(pathlib.Path({str(lock)!r}), Exception):\n"
         "    print('held', flush=True); sys.stdin.readline()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=ENV)

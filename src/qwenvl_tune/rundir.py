@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
 from .config import Config, apply, config_from_dict
 from .errors import QwenVLTuneError, RunFolderError
-from .locks import held
 
 CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
@@ -56,6 +57,50 @@ class RunBusy(QwenVLTuneError):
 
 class CheckpointError(QwenVLTuneError, RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); earlier checkpoints are untouched."""
+
+
+# --------------------------------------------------------------------------- a lock held while working
+
+
+@contextlib.contextmanager
+def held(path: Path, busy: Callable[[str], Exception], remove: bool = False) -> Iterator[None]:
+    """Hold ``path`` (made if needed) for this process: an advisory ``flock`` on a file naming its holder (host and
+    pid), which the kernel drops when the process dies, so a killed command never leaves it held. Used for the run
+    folder while it trains (``RunDir.training_lock``) and for bulk extraction's output file.
+
+    Raises ``busy(holder)`` when another process holds it.
+
+    ``remove``: delete the file when done (tidier beside a user's file; a third process that opened it just before
+    could then lock the removed file, so keep it where two holders at once would do harm).
+    """
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise busy(holder) from None
+    except OSError as e:  # a file system without locks (Lustre mounted without -o flock, some FUSE mounts)
+        fh.close()
+        print(f"warning: cannot lock {path} ({e.strerror}): this file system has no file locks, so a second copy of "
+              f"this command would not be stopped")
+        yield
+        return
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        if remove:
+            path.unlink(missing_ok=True)
+        else:
+            fh.seek(0)
+            fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 # --------------------------------------------------------------------------- one checkpoint folder

@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..data.records import DataError, loads_json, read_text_file
 from ..errors import QwenVLTuneError
-from ..locks import held
+from ..rundir import RunDir, held
 
 DOCUMENT_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".pdf"}
 
@@ -42,8 +43,6 @@ def list_inputs(source: str | Path) -> list[dict[str, Any]]:
         DataError: the source is missing, holds no document, or (a list) has bad lines: every bad line is named
             by line and field, before anything is extracted.
     """
-    from ..data.records import DataError, read_text_file
-
     source = Path(source)
     if source.is_dir():
         found = [{"input": str(p), "files": [str(p)], "prompt": None} for p in sorted(source.rglob("*"))
@@ -72,8 +71,6 @@ def list_inputs(source: str | Path) -> list[dict[str, Any]]:
 
 
 def _list_item(line: str, n: int, source: Path, names: dict[str, int]) -> dict[str, Any]:
-    from ..data.records import DataError, loads_json
-
     try:
         item = loads_json(line)
     except json.JSONDecodeError as e:
@@ -162,7 +159,6 @@ def _worker(rank: int, world: int, run_dir: str, items: list[dict], output: str,
         _die_with_parent(parent)
     import torch
 
-    from ..rundir import RunDir
     from .session import Predictor
 
     device = f"cuda:{rank}" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "cpu"
@@ -204,8 +200,6 @@ def bulk_predict(run_dir: str | Path, source: str | Path, output: str | Path, *,
                  batch_size: int | None = None, which: str = "best", constrained: bool | None = None,
                  progress: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, int]:
     """Extract every input not yet in ``output``. Returns counts: total, skipped (already done), written, errors."""
-    from ..rundir import RunDir
-
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     items = list_inputs(source)
