@@ -8,6 +8,7 @@ sample's token count computed from its page sizes without loading model weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from collections import Counter
@@ -19,7 +20,7 @@ from typing import Any, Collection
 from .conversation import render
 from .documents import FileSource, PageLimits, load_pages
 from .formats import Columns, SplitLocation, layout_hint, locate_split, read_location
-from .records import DataError, Problem, Record, SplitError
+from .records import DataError, Problem, Record, SplitError, data_fingerprint
 
 
 @dataclass
@@ -34,7 +35,16 @@ class SplitReport:
     duplicates: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     ignored: dict[str, int] = field(default_factory=dict)
-    pdf_documents: int = 0
+    pdf_ids: set[str] = field(default_factory=set)  # the documents holding a PDF
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The usable documents' count and digest (``records.data_fingerprint``), once per report."""
+        return data_fingerprint(self.records)
+
+    @property
+    def pdf_documents(self) -> int:
+        return len(self.pdf_ids)
 
     @property
     def errors(self) -> list[Problem]:
@@ -109,7 +119,8 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
             report.problems.append(Problem(r.file, r.line, "image", f"duplicate of an earlier row (same document "
                                            f"'{Path(r.image_names[0]).name}' and prefix)", "warning", "DuplicateRow"))
         report.page_sizes[r.id] = sizes
-        report.pdf_documents += pdf
+        if pdf:
+            report.pdf_ids.add(r.id)
         if processor is not None:
             counts = sample_tokens(processor, r, sizes, system_message)
             report.tokens[r.id] = counts
@@ -150,7 +161,7 @@ def hold_out(train: SplitReport, ids: Collection[str]) -> tuple[SplitReport, Spl
             page_sizes={k: v for k, v in train.page_sizes.items() if k in keys},
             tokens={k: v for k, v in train.tokens.items() if k in keys},
             duplicates=0 if split == "valid" else train.duplicates, formats=dict(train.formats),
-            pdf_documents=sum(1 for r in records if any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources)))
+            pdf_ids=train.pdf_ids & keys)
 
     # a held-out document that is unusable now (its file gone or broken) is named, not silently left out
     found = {r.id for r in held}

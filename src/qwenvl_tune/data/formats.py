@@ -63,6 +63,9 @@ class SplitLocation:
             (str(self.path) if self.kind == ARROW else ", ".join(str(f) for f in self.files))
 
 
+_SPLIT_NAMES = frozenset(n for names in SPLIT_ALIASES.values() for n in names)
+
+
 def layout_hint(data_dir: str | Path) -> str:
     """What is wrong with ``data_dir`` when it is missing, a split's annotations file or a split folder itself (the
     usual slips), as text to end a 'split not found' message with; else ''."""
@@ -70,9 +73,9 @@ def layout_hint(data_dir: str | Path) -> str:
     if not path.exists():
         return f" ({path} does not exist)"
     if path.is_file():
-        above = path.parent.parent if path.parent.name in sum(SPLIT_ALIASES.values(), ()) else path.parent
+        above = path.parent.parent if path.parent.name in _SPLIT_NAMES else path.parent
         return f" ({path} is a file: data.path is the folder that holds train/ and valid/, here {above})"
-    if (path / ANNOTATIONS).is_file() and path.name in sum(SPLIT_ALIASES.values(), ()):
+    if (path / ANNOTATIONS).is_file() and path.name in _SPLIT_NAMES:
         return f" ({path} is a split folder itself: data.path is the folder above it, {path.parent})"
     return ""
 

@@ -11,6 +11,7 @@ This module imports no model code.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -122,8 +123,6 @@ class Record:
 def data_fingerprint(records: Sequence[Record]) -> str:
     """What a split's usable documents are, in one line: their count and a digest of each one's id, files, prompt,
     system message and answer (not the files' bytes: reading every image again would cost a run's start minutes)."""
-    import hashlib
-
     h = hashlib.sha256()
     for r in records:
         # files by their place in the split, so the same documents moved elsewhere are the same documents

@@ -50,43 +50,37 @@ def _merge(values: Sequence[Any]) -> dict[str, Any]:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
-def infer_schema(answers: Iterable[Any]) -> dict[str, Any] | None:
-    """A JSON Schema covering every JSON answer; None when the answers are not JSON objects/arrays."""
-    values = []
-    for a in answers:
-        if isinstance(a, str):
-            try:
-                a = loads_json(a)
-            except json.JSONDecodeError:
-                return None
-        if not isinstance(a, (dict, list)):
-            return None
-        values.append(a)
-    if not values:
-        return None
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(values)}
-
-
-def _not_json(answer: Any) -> bool:
+def _json_value(answer: Any) -> dict | list | None:
+    """The answer as a JSON object or array (a string is parsed), or None when it is neither."""
     if isinstance(answer, str):
         try:
             answer = loads_json(answer)
         except json.JSONDecodeError:
-            return True
-    return not isinstance(answer, (dict, list))
+            return None
+    return answer if isinstance(answer, (dict, list)) else None
+
+
+def _schema_of(values: Sequence[Any]) -> dict[str, Any]:
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(values)}
+
+
+def infer_schema(answers: Iterable[Any]) -> dict[str, Any] | None:
+    """A JSON Schema covering every JSON answer; None when the answers are not JSON objects/arrays."""
+    values = [_json_value(a) for a in answers]
+    return _schema_of(values) if values and all(v is not None for v in values) else None
 
 
 def learn_schema(records: Sequence[Any], shown: int = 3) -> tuple[dict[str, Any] | None, str]:
     """The schema of the training records' answers, and a line saying what decoding will do with it: the places
     (file:line) of answers that are not JSON objects/arrays when there are any, as one such answer leaves
     every answer undecided by a schema."""
-    bad = [r for r in records if _not_json(r.suffix)]
+    values = [_json_value(r.suffix) for r in records]  # each answer parsed once
+    bad = [r for r, v in zip(records, values) if v is None]
     if bad:
         where = ", ".join(f"{r.file}:{r.line}" for r in bad[:shown]) + (", ..." if len(bad) > shown else "")
         return None, (f"answer schema: none, as {len(bad)} of {len(records)} training answers are not JSON objects or "
                       f"arrays ({where}); predict, evaluate and serve decode without one")
-    schema = infer_schema(r.suffix for r in records)
-    if schema is None:
+    if not values:
         return None, "answer schema: none (no training answers)"
-    return schema, (f"answer schema: learnt from {len(records)} answers; predict, evaluate and serve decode under it, "
-                    f"so every answer parses")
+    return _schema_of(values), (f"answer schema: learnt from {len(records)} answers; predict, evaluate and serve "
+                                f"decode under it, so every answer parses")

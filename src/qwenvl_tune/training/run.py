@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError
-from ..data.records import DataError, data_fingerprint
+from ..data.records import DataError
 from ..data.schema import learn_schema
 from ..errors import TrainingInterrupted
 from ..modeling.fastpath import FastPath
@@ -174,7 +174,7 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if ckpt is not None:
         loop.progress, rng = load_state(fabric, trainer_state(ckpt), module, optimizer, loop.scheduler)
     if data:
-        loop.progress.data = data_fingerprint(data[0].records)
+        loop.progress.data = data[0].fingerprint  # computed once, when setup_data checked it
     loop.console = Console(fabric, _loggers(config, run, log_version) if fabric.is_global_zero else [],
                            loop.total_steps(), loop.progress.step, config.train.log_every_n_steps)
     if rng is not None:

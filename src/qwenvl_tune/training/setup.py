@@ -20,7 +20,7 @@ from ..data.documents import PageLimits
 from ..data.formats import Columns
 from ..data.loader import EpochBatchSampler, RankPadded, RankShardBatchSampler, ResumableLoader
 from ..data.positions import VisionIndex
-from ..data.records import DataError, SplitError, data_fingerprint
+from ..data.records import DataError, SplitError
 from ..errors import RunFolderError
 from ..modeling.fastpath import FastPath
 from ..modeling.load import load_model_config
@@ -166,7 +166,7 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
         said = (f"data valid: {len(valid.records)} training documents held out to validate on (data.valid_fraction "
                 f"{d.valid_fraction}, train.seed {config.train.seed}; the data has no valid split)")
     reports = [train, valid]
-    now = data_fingerprint(train.records)
+    now = train.fingerprint
     if trained_on is not None and trained_on != now:
         raise DataError(f"the training data is not what this run was trained on ({trained_on} then; {now} now): a "
                         f"resumed run continues exactly only on the same documents. Restore them (or point "
