@@ -759,6 +759,47 @@ def summary_table(rows: list[dict], base: dict | None, size: str) -> str:
     return "\n".join(lines)
 
 
+def save_random_checkpoint(cfg, size: str, where: str = "") -> str:
+    """The random-init model at the published config, saved once (into ``where`` when given, for later calls'
+    --ckpt); every variant loads it as a user's run would."""
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = where or tempfile.mkdtemp(prefix=f"qwen25vl-{size}-")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        m = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if CUDA else torch.float32)
+    m.save_pretrained(ckpt)
+    del m
+    free()
+    print(f"random-init {size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
+    return ckpt
+
+
+def run_isolated(v: dict, args, ckpt: str, out: Path) -> dict:
+    """One variant in a fresh Python process (same checkpoint, same samples: they are drawn from a fixed seed);
+    its row, or an error row naming the exit status and the end of its log."""
+    import subprocess
+
+    sub = out / "isolated" / f"{v['name']}_r{v['round']}"
+    sub.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--samples", str(args.samples), "--variants", v["name"], "--ckpt", ckpt, "--no-numerics", "--out", str(sub)]
+    if v.get("profile"):
+        cmd += ["--profile", v["name"]]
+    t0 = time.perf_counter()
+    with open(sub / "log.txt", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        row = json.loads((sub / f"train_speed_{args.size}.json").read_text())["variants"][0]
+    except (OSError, ValueError, IndexError, KeyError):
+        tail = (sub / "log.txt").read_text(errors="replace")[-600:]
+        row = {"name": v["name"], "desc": v["desc"], "error": f"exit {rc}: {tail}"}
+    row = {**row, "round": v["round"], "isolated": True, "process_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="3b", choices=["tiny", "3b", "7b"])
@@ -775,6 +816,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the chosen variants this many rounds, interleaved (A B A B ...); the table gives each "
                          "variant's median and range, so run-to-run drift is visible and shared")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run each variant (and round) in a process of its own, as `qwenvl-tune train` runs one "
+                         "recipe per process: no compiled graphs, allocator state, Python heap or Liger patches "
+                         "carried over from the variants before it; the checkpoint and samples are the same")
+    ap.add_argument("--ckpt", default="", help="where the random-init checkpoint is, or is to be saved (a folder "
+                                               "holding one already skips building it)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -786,27 +833,21 @@ def main() -> int:
                 mean_image_tokens=sum(s.image_tokens for s in samples) / len(samples),
                 mean_answer_tokens=sum(s.answer_tokens for s in samples) / len(samples))
     print(json.dumps(info), flush=True)
-    ckpt = tempfile.mkdtemp(prefix=f"qwen25vl-{args.size}-")
-    from transformers import AutoModelForImageTextToText
-
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        m = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if CUDA else torch.float32)
-    m.save_pretrained(ckpt)
-    del m
-    free()
-    print(f"random-init {args.size} saved in {time.perf_counter() - t0:.0f}s", flush=True)
+    ckpt = args.ckpt if (Path(args.ckpt) / "config.json").is_file() else save_random_checkpoint(cfg, args.size, args.ckpt)
     # --variants none: only the numerics check
     chosen = chosen_variants(args.variants)
     profiled = set(args.profile.split(",")) if args.profile else set()
     chosen = [{**v, "profile": "all" in profiled or v["name"] in profiled, "sync_audit": args.sync_audit}
               for v in chosen]
-    if args.repeat > 1 and len({v.get("kernels", "none") for v in chosen}) > 1:
+    if args.repeat > 1 and not args.isolate and len({v.get("kernels", "none") for v in chosen}) > 1:
         # Liger patches classes process-wide: a later round's plain variants would run patched.
         ap.error("--repeat needs variants that all use the same model.kernels")
     chosen = [{**v, "round": r} for r in range(args.repeat) for v in chosen]
     results = {"env": info, "variants": []}
+    if args.isolate:
+        info["isolated"] = True
+        if args.repeat > 1 and not args.no_numerics:
+            ap.error("--isolate with --repeat: add --no-numerics (the check would run in the first process only)")
     if not args.no_numerics:
         try:
             results["numerics"] = numerics_check(ckpt, cfg, samples)
@@ -821,6 +862,11 @@ def main() -> int:
         if pages not in by_pages:
             by_pages[pages] = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny, pages)
             results["env"][f"mean_seq_{pages}_pages"] = sum(len(s.input_ids) for s in by_pages[pages]) / args.samples
+        if args.isolate:
+            r = run_isolated(v, args, ckpt, out)
+            results["variants"].append(r)
+            (out / f"train_speed_{args.size}.json").write_text(json.dumps(results, indent=2))
+            continue
         try:
             runner = run_trl if v.get("trl") else run_variant
             if v.get("trl"):  # TRL counts optimizer steps: the micro-batch counts of the others, divided
