@@ -717,6 +717,11 @@ PRESETS = {
     # QLoRA's first epoch (issue 20's unmet target) with and without compiled 4-bit vision blocks, beside the guide
     "qlora-vision": ["guide_qlora_as_written", "guide_lora_bf16", "ours_qlora_b2_liger", "ours_qlora_b2_liger_compiled_vision",
                      "ours_lora_b2_liger"],
+    # The headline ratios (issue 20's targets) without one process's history: each in a process of its own
+    # (--isolate), warmed up over half the documents so first-use costs are out of the timed half, e.g.
+    #   --variants headline --isolate --samples 128 --warmup 32 --steps 32   (two calls of ~6 minutes: split it)
+    "headline": ["guide_qlora_as_written", "guide_lora_bf16", "ours_lora_b2_liger", "ours_qlora_b2_liger",
+                 "ours_lora_b2_liger_all_linear", "trl_lora_b2_lm_linear", "trl_lora_b2_liger", "trl_lora_b4_liger"],
     "7b": ["guide_qlora_as_written", "ours_lora_b2_liger", "ours_lora_b2_liger_later_epoch", "ours_qlora_b2_liger",
            "ours_qlora_lowmem", "ours_lora_auto_liger_80gb_later_epoch"],
 }
