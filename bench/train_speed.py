@@ -356,6 +356,10 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
     if pinned:  # what a DataLoader with pin_memory=True hands over: page-locked batches
         data = [{k: (t.pin_memory() if torch.is_tensor(t) else t) for k, t in b.items()} for b in data]
     scope = contextlib.ExitStack()
+    if v.get("inductor"):  # Inductor settings for this variant's compilations only (leads of issue 20, measured A/B)
+        import torch._inductor.config as inductor_config
+
+        scope.enter_context(inductor_config.patch(v["inductor"]))
     if product:
         from qwenvl_tune.training.loop import micro_batch, optimizer_step
 
@@ -367,6 +371,8 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
 
         def step(i: int):
             ends = (i + 1) % accum == 0
+            if v.get("mark_step"):  # CUDA graph trees: a new micro-batch may overwrite the last one's graph outputs
+                torch.compiler.cudagraph_mark_step_begin()
             pending.append(micro_batch(loop, data[i % len(data)], ends))
             if ends:
                 optimizer_step(loop, pending)
@@ -399,6 +405,9 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
         step(i)
     sync()
     warmup_s = time.perf_counter() - t_w  # with compiled layers, their compilation happens here
+    if v.get("skip_guards"):  # after warm-up every shape has its graphs: check only the guards that tell them apart
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        scope.callback(torch.compiler.set_stance, "default")
     audit = None
     if v.get("sync_audit") and CUDA:
         audit = sync_audit(lambda: step(warmup - 1))
@@ -632,6 +641,20 @@ VARIANTS = [
     {"name": "ours_lora_b2_liger", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "the defaults: lora, batch 2 length-grouped, compiled decoder layers and vision blocks, the product's "
              "step"},
+    # Host-time leads after the 2026-12-03 profile (60% GPU-busy; 89 ms of 371 ms of host time in Inductor's Python
+    # wrappers, 14 ms in Dynamo's guards per two micro-batches); not the product's defaults, to be measured with
+    # --isolate since they change process-wide compiler settings
+    {"name": "ours_lora_b2_liger_cpp_wrapper", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "inductor": {"cpp_wrapper": True},
+     "desc": "the defaults with Inductor's C++ wrapper (graphs launched from compiled code, not Python)"},
+    {"name": "ours_lora_b2_liger_cudagraphs", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "inductor": {"triton.cudagraphs": True}, "mark_step": True,
+     "desc": "the defaults with the compiled layers' graphs replayed as CUDA graphs (one per layer and shape)"},
+    {"name": "ours_lora_b2_liger_skip_guards", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
+     "skip_guards": True,
+     "desc": "the defaults, Dynamo checking after warm-up only the guards that tell its graphs apart"},
+    {"name": "ours_qlora_b2_liger_cpp_wrapper", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "inductor": {"cpp_wrapper": True}, "desc": "qlora defaults with Inductor's C++ wrapper"},
     {"name": "ours_lora_b2_liger_bench_copy", "method": "lora", "fast": True, "batch": 2, "kernels": "liger",
      "loop": "copy", "desc": "the same, through the benchmark's own copy of the step (before 2026-12-02)"},
     # before 2026-12-02 evening: Liger's RMSNorm, the library's vision attention with its element-wise rotary
@@ -722,6 +745,10 @@ PRESETS = {
     #   --variants headline --isolate --samples 128 --warmup 32 --steps 32   (two calls of ~6 minutes: split it)
     "headline": ["guide_qlora_as_written", "guide_lora_bf16", "ours_lora_b2_liger", "ours_qlora_b2_liger",
                  "ours_lora_b2_liger_all_linear", "trl_lora_b2_lm_linear", "trl_lora_b2_liger", "trl_lora_b4_liger"],
+    # the host-time leads beside the defaults, each in its own process (--isolate; they set compiler options)
+    "host-leads": ["guide_qlora_as_written", "ours_lora_b2_liger", "ours_lora_b2_liger_cpp_wrapper",
+                   "ours_lora_b2_liger_skip_guards", "ours_lora_b2_liger_cudagraphs", "ours_qlora_b2_liger",
+                   "ours_qlora_b2_liger_cpp_wrapper"],
     "7b": ["guide_qlora_as_written", "ours_lora_b2_liger", "ours_lora_b2_liger_later_epoch", "ours_qlora_b2_liger",
            "ours_qlora_lowmem", "ours_lora_auto_liger_80gb_later_epoch"],
 }
