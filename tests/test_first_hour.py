@@ -161,3 +161,27 @@ def test_quiet_output_drops_bitsandbytes_cpu_kernel_chatter_and_verbose_keeps_it
     shown = {mode: subprocess.run([sys.executable, "-c", probe, mode], env=ENV, capture_output=True, text=True,
                                   timeout=120).stdout.strip() for mode in ("quiet", "verbose")}
     assert shown == {"quiet": "False", "verbose": "True"}
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "{run}"], ["export", "{run}", "--out", "x"], ["serve", "{run}"],
+                                  ["predict", "{run}", "page.png"], ["--verbose", "evaluate", "{run}", "--split", "test"]])
+def test_a_run_folder_without_run_flag_gets_the_corrected_command(tmp_path, capsys, argv):
+    from qwenvl_tune.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {}\n")
+    argv = [a.format(run=run) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    fixed = [a if a != str(run) else f"--run {run}" for a in argv]
+    assert f"a run folder is named with --run: qwenvl-tune {' '.join(fixed)}" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_run_still_gets_argparse_s_own_message(tmp_path, capsys):
+    from qwenvl_tune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path)])
+    assert "the following arguments are required: --run" in capsys.readouterr().err

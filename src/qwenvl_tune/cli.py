@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     # allocator from fragmenting (set before torch initialises CUDA; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = commands.parser(_version())
+    fixed = commands.run_folder_without_flag(sys.argv[1:] if argv is None else list(argv))
+    if fixed:
+        parser.error(f"a run folder is named with --run: {fixed}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{commands.suggest_for(args.command, unknown)}")

@@ -249,3 +249,25 @@ def suggest_for(command: str | None, unknown: list[str]) -> str:
              + list(cmd.aliases)) if cmd else []
     flags = [u for u in unknown if u.startswith("--")]
     return _suggest(flags[0][2:].split("=")[0], names) if flags and names else ""
+
+
+def run_folder_without_flag(argv: list[str]) -> str:
+    """``evaluate runs/demo``: a run folder given where ``--run`` is expected, which argparse would answer only with
+    "the following arguments are required: --run". Returns the corrected command line, or "" when that is not it."""
+    import shlex
+    from pathlib import Path
+
+    from .rundir import CONFIG_FILE
+
+    command = next((a for a in argv if not a.startswith("-")), None)
+    cmd = COMMANDS.get(command or "")
+    if cmd is None or not any(f.name == "run" for f in dataclasses.fields(cmd.options)):
+        return ""
+    if any(a == "--run" or a.startswith("--run=") for a in argv):
+        return ""
+    at = argv.index(command)
+    for i in range(at + 1, len(argv)):
+        a = argv[i]
+        if not a.startswith("-") and (Path(a) / CONFIG_FILE).is_file():
+            return shlex.join(["qwenvl-tune", *argv[:i], "--run", a, *argv[i + 1:]])
+    return ""

@@ -151,3 +151,13 @@ def test_a_data_path_one_level_off_says_which_folder_was_meant(sample_data, tmp_
     shutil.copytree(sample_data, tmp_path / "Data")
     assert main(["check", str(tmp_path / typed)]) == 2
     assert hint.format(d=tmp_path / "Data") in capsys.readouterr().err
+
+
+def test_a_run_folder_given_as_data_says_what_it_trained_on(sample_data, tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(sample_data)}}))
+    assert main(["check", str(run)]) == 2
+    assert f"{run} is a run folder, not a dataset; the run trained on {sample_data}" in capsys.readouterr().err

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import MissingExtraError
+from ..rundir import CONFIG_FILE
 from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
                       SplitError, SplitRows, check_answer, loads_json, parse_conversation, read_split)
 
@@ -77,6 +80,13 @@ def layout_hint(data_dir: str | Path) -> str:
         return f" ({path} is a file: data.path is the folder that holds train/ and valid/, here {above})"
     if (path / ANNOTATIONS).is_file() and path.name in _SPLIT_NAMES:
         return f" ({path} is a split folder itself: data.path is the folder above it, {path.parent})"
+    if (path / CONFIG_FILE).is_file():  # a run folder given where the data goes
+        try:
+            trained_on = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}).get("data", {}).get("path")
+        except (OSError, yaml.YAMLError, AttributeError):
+            trained_on = None
+        return (f" ({path} is a run folder, not a dataset"
+                + (f"; the run trained on {trained_on}" if trained_on else "") + ")")
     return ""
 
 
