@@ -287,3 +287,46 @@ def test_a_datasets_folder_of_messages_rows_loads_the_same_samples(tmp_path):
     rep = check_split(tmp_path / "hf2", "train")
     assert [r.line for r in rep.records] == [0, 2] and rep.errors[0].line == 1
     assert rep.errors[0].field == "messages[0].content" and "2 '<image>' marker(s) but the row has 1" in rep.errors[0].message
+
+
+def _data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_inline_data_uri_images_load_the_same_samples_in_jsonl_and_parquet(tmp_path):
+    """ms-swift and OpenAI-style rows carry images inline; they load pixel for pixel as the files they came from."""
+    _, want = _loaded(_roboflow(tmp_path))
+    files = tmp_path / "robo" / "train"
+    rows = [{"images": [_data_uri(files / n) for n in d], "prefix": PROMPT, "suffix": a} for d, a in zip(DOCS, ANSWERS)]
+    write_split(tmp_path / "inline" / "train", rows, {})
+    rep, got = _loaded(tmp_path / "inline")
+    _same(got, want)
+    assert rep.records[1].image_names[0].startswith("data URI (image/png, sha256 ")
+    # a digest of the documents tells inline images apart by their bytes
+    from qwenvl_tune.data.records import data_fingerprint
+
+    swapped = [{**rows[0], "images": rows[0]["images"][::-1]}, *rows[1:]]
+    write_split(tmp_path / "swapped" / "train", swapped, {})
+    assert data_fingerprint(rep.records) != data_fingerprint(check_split(tmp_path / "swapped", "train").records)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"images": [r["images"] for r in rows], "answer": [json.dumps(a) for a in ANSWERS]}),
+                   tmp_path / "train.parquet")
+    _same(_loaded(tmp_path)[1], want)
+
+
+def test_urls_and_bad_data_uris_are_named_errors(tmp_path):
+    bad = {"https://example.com/a.png": "is a https:// URL; nothing is fetched over the network",
+           "s3://bucket/a.png": "is a s3:// URL",
+           "file:///srv/a.png": "is a file: URL, an absolute path",
+           "data:image/png;base64,@@@": "not valid base64",
+           "data:image/png,rawtext": "must be base64-encoded",
+           "data:image/png;base64,AAAA": "not a readable image"}
+    write_split(tmp_path / "d" / "train", [{"image": k, "prefix": PROMPT, "suffix": ANSWERS[0]} for k in bad], {})
+    rep = check_split(tmp_path / "d", "train")
+    assert not rep.records and len(rep.errors) == len(bad)
+    for line, (p, want) in enumerate(zip(rep.errors, bad.values()), start=1):
+        assert p.line == line and p.field == "image" and want in p.message, str(p)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Collection
 
 from .conversation import render
-from .documents import FileSource, PageLimits, load_pages
+from .documents import BytesSource, FileSource, PageLimits, load_pages
 from .formats import Columns, SplitLocation, layout_hint, locate_split, read_location
 from .records import DataError, Problem, Record, SplitError, data_fingerprint
 
@@ -69,7 +69,7 @@ def _check_pages(r: Record, limits: PageLimits) -> tuple[Record, list[tuple[int,
         sizes = [im.size for im in load_pages(r.sources, limits, r.where)]
     except DataError as e:
         return r, None, False, e
-    return r, sizes, any(isinstance(x, FileSource) and x.is_pdf() for x in r.sources), None
+    return r, sizes, any(isinstance(x, (FileSource, BytesSource)) and x.is_pdf() for x in r.sources), None
 
 
 def sample_tokens(processor: Any, r: Record, sizes: list[tuple[int, int]], system_message: str | None

@@ -63,7 +63,7 @@ class FileSource:
 
 @dataclass(frozen=True)
 class BytesSource:
-    """An uploaded file (the service, the OpenAI-compatible route)."""
+    """A file given as bytes: an upload (the service, the OpenAI-compatible route) or a data: URI of a row."""
 
     data: bytes
     filename: str = "upload"
@@ -74,6 +74,9 @@ class BytesSource:
 
     def read(self) -> bytes:
         return self.data
+
+    def is_pdf(self) -> bool:
+        return is_pdf(self.data)
 
 
 @dataclass(frozen=True)

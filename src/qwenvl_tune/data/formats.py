@@ -211,6 +211,10 @@ class CellSource:
             value = value.get("path")
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
+        if isinstance(value, str) and value[:5].lower() == "data:":
+            from .records import decode_data_uri
+
+            return decode_data_uri(value, self.table, self.row, self.column)
         if isinstance(value, str) and value:
             base = Path(self.table) if self.kind == ARROW else Path(self.table).parent
             from .records import resolve_image_path

@@ -382,9 +382,7 @@ def parse_row(obj: dict[str, Any], file: str, line: int) -> Row:
 
 
 def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max_pages: int | None = None) -> tuple:
-    """The row's files as ``FileSource``s, each checked to exist inside the split folder."""
-    from .documents import FileSource
-
+    """The row's files as sources: each a file checked to exist inside the split folder, or a data: URI's bytes."""
     field = "image" if len(images) == 1 else "images"
     if max_pages is not None and len(images) > max_pages:
         raise SchemaError(f"{len(images)} images, over data.max_pages={max_pages}", file, line, field)
@@ -394,7 +392,7 @@ def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max
         if not isinstance(image, str) or not image.strip():
             raise SchemaError(f"'{at}' must be a non-empty string (a path relative to {split_dir}), got {image!r:.80}",
                               file, line, at)
-        out.append(FileSource(resolve_image_path(image, split_dir, file, line, at)))
+        out.append(image_source(image, split_dir, file, line, at))
     return tuple(out)
 
 
@@ -430,7 +428,48 @@ def _near_miss(image: str, split_dir: Path) -> str | None:
     return (f"{parent}/{found}" if parent else found) if found else None
 
 
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def decode_data_uri(image: str, file: str, line: int | None, field: str) -> bytes:
+    """The bytes of an inline image (``data:image/png;base64,...``, as ms-swift and OpenAI-style rows carry them)."""
+    import base64
+    import binascii
+
+    header, comma, payload = image.partition(",")
+    if not comma or ";base64" not in header.lower():
+        raise ImagePathError(f"image data: URI must be base64-encoded (data:image/png;base64,...), got "
+                             f"'{image[:40]}...'", file, line, field)
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImagePathError(f"image data: URI is not valid base64 ({e})", file, line, field) from None
+    if not data:
+        raise ImagePathError("image data: URI holds no bytes", file, line, field)
+    return data
+
+
+def image_source(image: str, split_dir: Path, file: str, line: int, field: str = "image") -> Any:
+    """Where one image of a row comes from: a file in the split folder, or the bytes of a data: URI."""
+    from .documents import BytesSource, FileSource
+
+    if image[:5].lower() == "data:":
+        data = decode_data_uri(image, file, line, field)
+        mime = image[5:].partition(",")[0].partition(";")[0] or "data"
+        name = f"data URI ({mime}, sha256 {hashlib.sha256(data).hexdigest()[:12]})"
+        return BytesSource(data, name)
+    return FileSource(resolve_image_path(image, split_dir, file, line, field))
+
+
 def resolve_image_path(image: str, split_dir: Path, file: str, line: int, field: str = "image") -> Path:
+    url = _URL.match(image)
+    if url and url.group(1).lower() == "file":
+        raise ImagePathError(f"image '{image}' is a file: URL, an absolute path; images are named relative to the "
+                             f"split folder {split_dir}", file, line, field)
+    if url:
+        raise ImagePathError(f"image '{image}' is a {url.group(1)}:// URL; nothing is fetched over the network: "
+                             f"download the images into {split_dir} and name them relative to it (or inline them as "
+                             f"data:image/...;base64, URIs)", file, line, field)
     if os.path.isabs(image) or image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
         raise ImagePathError(f"image path '{image}' is absolute; it must be relative to the split folder {split_dir}", file, line, field)
     if "\x00" in image:
