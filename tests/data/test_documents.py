@@ -7,6 +7,7 @@ by file, row (or page) and field.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +331,66 @@ def test_urls_and_bad_data_uris_are_named_errors(tmp_path):
     assert not rep.records and len(rep.errors) == len(bad)
     for line, (p, want) in enumerate(zip(rep.errors, bad.values()), start=1):
         assert p.line == line and p.field == "image" and want in p.message, str(p)
+
+
+def _llama_factory_folder(tmp_path: Path, rows: list, name: str = "train.json") -> Path:
+    """LLaMA-Factory's layout: JSON array files in the data folder, images in a folder beside them."""
+    folder = tmp_path / "lf"
+    (folder / "scans").mkdir(parents=True, exist_ok=True)
+    for n, im in _pages().items():
+        im.save(folder / "scans" / n)
+    (folder / "dataset_info.json").write_text("{}")
+    (folder / name).write_text(rows if isinstance(rows, str) else json.dumps(rows, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("style", ["messages", "sharegpt"])
+def test_json_array_files_in_the_data_folder_load_the_same_samples_named_by_line(tmp_path, style):
+    """LLaMA-Factory's datasets are pretty-printed JSON arrays with images relative to the data folder."""
+    _, want = _loaded(_roboflow(tmp_path))
+    rows = [{**r, "images": [f"scans/{n}" for n in r["images"]]} for r in _messages_rows(style)]
+    folder = _llama_factory_folder(tmp_path, rows)
+    assert locate_split(folder, "train").label == str(folder / "train.json")
+    rep, got = _loaded(folder)
+    _same(got, want)
+    text = (folder / "train.json").read_text().split("\n")
+    # each row is named by the line its object starts on, as in JSONL files
+    assert [text[r.line - 1] for r in rep.records] == ["  {"] * 3 and rep.records[0].line == 2
+    assert [r.id for r in rep.records] == [f"train:{r.line}" for r in rep.records]
+    # the same rows one per line as valid.jsonl, and as annotations.json inside a split folder
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _same(_loaded_split(folder, "valid"), want)
+    (folder / "test").mkdir()
+    (folder / "test" / "annotations.json").write_text(json.dumps(_messages_rows(style)))
+    for n, im in _pages().items():
+        im.save(folder / "test" / n)
+    _same(_loaded_split(folder, "test"), want)
+
+
+def _loaded_split(data_dir: Path, split: str):
+    rep = check_split(data_dir, split)
+    assert not rep.errors, [str(p) for p in rep.errors]
+    return [(r.prefix, json.loads(r.suffix) if isinstance(r.suffix, str) else r.suffix, r.system,
+             [np.asarray(p) for p in load_pages(r.sources, PageLimits(), r.where)]) for r in rep.records]
+
+
+def test_bad_json_array_files_are_named_by_line(tmp_path):
+    row = _messages_rows("messages")[1] | {"images": ["scans/b.png"]}
+    good = json.dumps(row)
+    # one bad element: the others are still read, the bad one named by its line
+    folder = _llama_factory_folder(tmp_path, "[\n" + good + ",\n" + good.replace('"messages"', '"images": [], "messages"', 1)
+                                   + ",\n" + '{"a": NaN}' + ",\n" + good + "\n]\n")
+    rep = check_split(folder, "train")
+    assert [r.line for r in rep.records] == [2, 5]
+    assert sorted((p.line, p.message[:30]) for p in rep.errors) == [
+        (3, "duplicate key 'images' in one "), (4, "NaN is not JSON (write null or")]
+    # broken JSON: nothing of the file is used, and the message says where and why
+    for text, where in (("[\n" + good + ",\n{oops}\n]", ":3: malformed JSON: Expecting property name"),
+                        ("[\n" + good + "\n" + good + "]", ":3: expected ',' or ']' after a row at column 1"),
+                        ('{"rows": []}', ":1: a .json annotations file holds one JSON array")):
+        (folder / "train.json").write_text(text)
+        with pytest.raises(DataError, match=re.escape(str(folder / "train.json") + where)):
+            check_split(folder, "train")
+    (folder / "train.json").unlink()
+    with pytest.raises(DataError, match="laid out for LLaMA-Factory: name each split's file of rows after it"):
+        check_split(folder, "train")

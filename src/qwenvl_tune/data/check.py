@@ -19,7 +19,7 @@ from typing import Any, Collection
 
 from .conversation import render
 from .documents import BytesSource, FileSource, PageLimits, load_pages
-from .formats import Columns, SplitLocation, layout_hint, locate_split, read_location
+from .formats import Columns, SplitLocation, expected_layouts, layout_hint, locate_split, read_location
 from .records import DataError, Problem, Record, SplitError, data_fingerprint
 
 
@@ -96,8 +96,7 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
     ``only``: the documents (ids) to check and keep; the others are read but neither opened nor kept."""
     loc = location or locate_split(data_dir, split)
     if loc is None:
-        raise SplitError(f"split '{split}' not found: expected {Path(data_dir) / split / 'annotations.jsonl'}, a "
-                         f"datasets folder {Path(data_dir) / split}/ or Parquet files named {split}*.parquet"
+        raise SplitError(f"split '{split}' not found: expected {expected_layouts(data_dir, split)}"
                          f"{layout_hint(data_dir)}", Path(data_dir) / split)
     columns = Columns(columns.image, columns.answer, columns.prompt, columns.default_prompt, limits.max_pages)
     read = read_location(loc, columns)

@@ -31,7 +31,8 @@ from ..rundir import CONFIG_FILE
 from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
                       SplitError, SplitRows, check_answer, loads_json, parse_conversation, read_split)
 
-JSONL, PARQUET, ARROW = "jsonl", "parquet", "arrow"
+JSONL, PARQUET, ARROW = "jsonl", "parquet", "arrow"  # JSONL: JSON Lines or a JSON array of rows
+JSON_ANNOTATIONS = "annotations.json"
 FORMAT_LABELS = {PARQUET: "Parquet", ARROW: "Hugging Face datasets folder (save_to_disk)"}
 IMAGE_COLUMNS = ("images", "image", "pages", "page_images")
 ANSWER_COLUMNS = ("suffix", "answer", "ground_truth", "json", "target", "output", "label", "response")
@@ -58,12 +59,20 @@ class SplitLocation:
     split: str
     kind: str
     path: Path  # the split folder (jsonl, arrow) or the data folder (parquet)
-    files: tuple[Path, ...] = ()  # parquet files, in order
+    files: tuple[Path, ...] = ()  # parquet files, in order; or the one JSON / JSONL file of rows
 
     @property
     def label(self) -> str:
-        return str(self.path / ANNOTATIONS) if self.kind == JSONL else \
-            (str(self.path) if self.kind == ARROW else ", ".join(str(f) for f in self.files))
+        if self.kind == JSONL:
+            return str(self.files[0] if self.files else self.path / ANNOTATIONS)
+        return str(self.path) if self.kind == ARROW else ", ".join(str(f) for f in self.files)
+
+
+def expected_layouts(data_dir: str | Path, split: str) -> str:
+    """The places a split may be, for a 'not found' message."""
+    d = Path(data_dir)
+    return (f"{d / split / ANNOTATIONS} (or annotations.json), {d / split}.jsonl or {d / split}.json, a datasets "
+            f"folder {d / split}/ or Parquet files named {split}*.parquet")
 
 
 _SPLIT_NAMES = frozenset(n for names in SPLIT_ALIASES.values() for n in names)
@@ -80,6 +89,9 @@ def layout_hint(data_dir: str | Path) -> str:
         return f" ({path} is a file: data.path is the folder that holds train/ and valid/, here {above})"
     if (path / ANNOTATIONS).is_file() and path.name in _SPLIT_NAMES:
         return f" ({path} is a split folder itself: data.path is the folder above it, {path.parent})"
+    if (path / "dataset_info.json").is_file():  # LLaMA-Factory's data folder: its datasets have their own names
+        return (f" ({path} is laid out for LLaMA-Factory: name each split's file of rows after it, e.g. train.json "
+                f"and valid.json beside dataset_info.json)")
     if (path / CONFIG_FILE).is_file():  # a run folder given where the data goes
         try:
             trained_on = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}).get("data", {}).get("path")
@@ -97,6 +109,8 @@ def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
         folder = data_dir / name
         if (folder / ANNOTATIONS).is_file():
             return SplitLocation(split, JSONL, folder)
+        if (folder / JSON_ANNOTATIONS).is_file():
+            return SplitLocation(split, JSONL, folder, (folder / JSON_ANNOTATIONS,))
         if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
             return SplitLocation(split, ARROW, folder)
         for pattern_dir, pattern in ((folder, "*.parquet"), (data_dir, f"{name}.parquet"),
@@ -105,13 +119,17 @@ def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
             files = sorted(pattern_dir.glob(pattern)) if pattern_dir.is_dir() else []
             if files:
                 return SplitLocation(split, PARQUET, data_dir, tuple(files))
+    for name in SPLIT_ALIASES.get(split, (split,)):  # one file of rows per split in the data folder itself
+        for suffix in (".jsonl", ".json"):
+            if (data_dir / f"{name}{suffix}").is_file():
+                return SplitLocation(split, JSONL, data_dir, (data_dir / f"{name}{suffix}",))
     return None
 
 
 def read_location(loc: SplitLocation, columns: Columns = Columns()) -> SplitRows:
     """Every row of a split as records (problems for the rows that are not usable)."""
     if loc.kind == JSONL:
-        return read_split(loc.path, loc.split, columns.max_pages)
+        return read_split(loc.path, loc.split, columns.max_pages, file=loc.files[0] if loc.files else None)
     if loc.kind == ARROW:
         return _read_table(loc.split, [(loc.path, ARROW)], columns)
     return _read_table(loc.split, [(f, PARQUET) for f in loc.files], columns)

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import QwenVLTuneError
 
@@ -202,9 +202,9 @@ def parse_line(text: str, file: str, line: int) -> dict[str, Any]:
 ROBOFLOW = "roboflow"  # {"image" | "images", "prefix", "suffix"}: Roboflow / maestro JSONL
 MESSAGES = "messages"  # {"messages": [{"role", "content"}], "images"}: LLaMA-Factory (openai style) / ms-swift
 SHAREGPT = "sharegpt"  # {"conversations": [{"from", "value"}], "images"}: LLaMA-Factory sharegpt
-FORMAT_NAMES = {ROBOFLOW: "Roboflow/maestro JSONL (image, prefix, suffix)",
-                MESSAGES: "messages JSONL (LLaMA-Factory / ms-swift: messages + images)",
-                SHAREGPT: "ShareGPT JSONL (LLaMA-Factory: conversations + images)"}
+FORMAT_NAMES = {ROBOFLOW: "Roboflow/maestro rows (image, prefix, suffix)",
+                MESSAGES: "messages rows (LLaMA-Factory / ms-swift: messages + images)",
+                SHAREGPT: "ShareGPT rows (LLaMA-Factory: conversations + images)"}
 KNOWN_KEYS = {ROBOFLOW: {"image", "images", "prefix", "suffix"},
               MESSAGES: {"messages", "images", "image", "system"},
               SHAREGPT: {"conversations", "images", "image", "system"}}
@@ -519,18 +519,62 @@ class SplitRows:
                                          "warning", "IgnoredKeys"))
 
 
-def read_split(split_dir: str | Path, split: str | None = None, max_pages: int | None = None) -> SplitRows:
-    """Read one split's ``annotations.jsonl`` (each row Roboflow-, messages- or ShareGPT-style).
+def _json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON array file (LLaMA-Factory's ``.json`` datasets), each with the line it starts on, so
+    rows are named by file and line as JSONL rows are. An element with a duplicate key or a NaN comes back as its
+    JSONLError (the others are still read); text that is not a JSON array is a SplitError at its line and column,
+    as no element after a syntax error can be trusted."""
+    strict = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    lenient = json.JSONDecoder()
+    space = re.compile(r"\s*")
+
+    def fail(msg: str, at: int) -> SplitError:
+        line = text.count("\n", 0, at) + 1
+        col = at - (text.rfind("\n", 0, at) + 1) + 1
+        return SplitError(f"{msg} at column {col}; a .json file is read whole, so none of its rows is used until it "
+                          f"is a valid JSON array", file, line)
+
+    i = space.match(text, 0).end()
+    if not text.startswith("[", i):
+        raise fail("a .json annotations file holds one JSON array of rows; this does not start with '['", i)
+    i = space.match(text, i + 1).end()
+    if text.startswith("]", i):
+        return
+    while True:
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, end = strict.raw_decode(text, i)
+            yield line, obj
+        except json.JSONDecodeError as e:
+            raise fail(f"malformed JSON: {e.msg}", e.pos) from None
+        except (DuplicateKeyError, _Constant) as e:
+            _, end = lenient.raw_decode(text, i)
+            what = (f"duplicate key '{e.args[0]}' in one object" if isinstance(e, DuplicateKeyError)
+                    else f"{e.args[0]} is not JSON (write null or a string)")
+            yield line, JSONLError(what, file, line)
+        i = space.match(text, end).end()
+        if text.startswith("]", i):
+            return
+        if not text.startswith(",", i):
+            raise fail("expected ',' or ']' after a row", i)
+        i = space.match(text, i + 1).end()
+
+
+def read_split(split_dir: str | Path, split: str | None = None, max_pages: int | None = None,
+               file: str | Path | None = None) -> SplitRows:
+    """Read one split's rows (each Roboflow-, messages- or ShareGPT-style) from ``file``: JSON Lines, or a JSON
+    array when it ends in ``.json``; by default the split folder's ``annotations.jsonl``. Images are named
+    relative to the file's folder.
 
     Returns the records that passed the row checks, every problem found (errors for rows that were not turned
-    into records, warnings otherwise) and the number of non-blank lines seen.
+    into records, warnings otherwise) and the number of rows seen.
 
     Raises:
-        SplitError: the annotations file is missing or not UTF-8 text.
+        SplitError: the annotations file is missing, not UTF-8 text, or a ``.json`` file that is not a JSON array.
     """
-    split_dir = Path(split_dir)
+    ann = Path(file) if file is not None else Path(split_dir) / ANNOTATIONS
+    split_dir = ann.parent
     split = split or split_dir.name
-    ann = split_dir / ANNOTATIONS
     if not ann.is_file():
         raise SplitError(f"annotations file not found: {ann}", ann)
     file = str(ann)
@@ -538,17 +582,28 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
     try:
         # utf-8-sig drops a BOM; newline=None turns CRLF into LF.
         with open(ann, encoding="utf-8-sig", newline=None) as fh:
-            lines = fh.read().split("\n")
+            content = fh.read()
     except UnicodeDecodeError as e:
         raise SplitError(f"not UTF-8 text (byte {e.start}): {e.reason}", ann) from None
-    for lineno, text in enumerate(lines, start=1):
-        if not text.strip():
-            if lineno < len(lines):
+    if ann.suffix.lower() == ".json":
+        items: Iterator[tuple[int, Any]] = _json_array_rows(content, file)
+        last = 0
+    else:
+        lines = content.split("\n")
+        items, last = enumerate(lines, start=1), len(lines)
+    for lineno, item in items:
+        if isinstance(item, str) and not item.strip():
+            if lineno < last:
                 out.problems.append(Problem(file, lineno, None, "blank line ignored", "warning", "JSONLError"))
             continue
         out.rows += 1
         try:
-            row = parse_row(parse_line(text, file, lineno), file, lineno)
+            if isinstance(item, DataError):
+                raise item
+            obj = parse_line(item, file, lineno) if isinstance(item, str) else item
+            if not isinstance(obj, dict):
+                raise JSONLError(f"each row must be a JSON object, got {type(obj).__name__}", file, lineno)
+            row = parse_row(obj, file, lineno)
             sources = resolve_images(row.images, split_dir, file, lineno, max_pages)
         except DataError as e:
             out.problems.append(Problem.from_error(e))

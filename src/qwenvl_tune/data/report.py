@@ -13,7 +13,7 @@ from typing import Any
 
 from .check import SplitReport, check_split
 from .documents import PageLimits
-from .formats import Columns, layout_hint, locate_split
+from .formats import Columns, expected_layouts, layout_hint, locate_split
 from .records import FORMAT_NAMES, SplitError, loads_json
 
 
@@ -47,8 +47,7 @@ def build_report(data_dir: str | Path, processor: Any = None, system_message: st
         loc = locate_split(data_dir, split)
         if loc is None:
             if split == "train":
-                raise SplitError(f"no train split: expected {Path(data_dir) / 'train' / 'annotations.jsonl'}, a "
-                                 f"datasets folder {Path(data_dir) / 'train'}/ or train*.parquet"
+                raise SplitError(f"no train split: expected {expected_layouts(data_dir, 'train')}"
                                  f"{layout_hint(data_dir)}", Path(data_dir) / "train")
             continue
         splits.append(check_split(data_dir, split, processor=processor, system_message=system_message,
