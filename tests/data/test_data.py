@@ -271,9 +271,13 @@ def test_too_long_answers_are_reported_before_training(tmp_path, tiny_dir):
     from qwenvl_tune.modeling.load import load_processor
 
     long_answer = {"notes": "word " * 3000}
-    _split(tmp_path, [GOOD, {**GOOD, "suffix": long_answer}])
+    as_messages = {"messages": [{"role": "user", "content": "<image>" + GOOD["prefix"]},
+                                {"role": "assistant", "content": json.dumps(long_answer)}], "images": [GOOD["image"]]}
+    _split(tmp_path, [GOOD, {**GOOD, "suffix": long_answer}, as_messages])
     proc = load_processor(tiny_dir, 16 * 28 * 28, 16 * 28 * 28)
     rep = check_split(tmp_path, "train", processor=proc, max_length=512)
-    assert [(p.line, p.kind, p.field) for p in rep.errors] == [(2, "SampleTooLongError", "suffix")]
+    # each named by the field that holds its answer in its own layout
+    assert [(p.line, p.kind, p.field) for p in rep.errors] == [(2, "SampleTooLongError", "suffix"),
+                                                              (3, "SampleTooLongError", "messages[1].content")]
     assert "max_length=512" in rep.errors[0].message
     assert rep.tokens["train:1"]["total"] < 512

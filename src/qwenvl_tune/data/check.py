@@ -126,7 +126,7 @@ def check_split(data_dir: str | Path, split: str, *, processor: Any = None, syst
             if max_length is not None and counts["total"] > max_length:
                 per_page = ", ".join(str(n) for n in counts["pages"])
                 report.problems.append(Problem(
-                    r.file, r.line, "suffix", f"sample is {counts['total']} tokens ({counts['image']} image over "
+                    r.file, r.line, r.answer_field, f"sample is {counts['total']} tokens ({counts['image']} image over "
                     f"{len(sizes)} page(s): {per_page}; {counts['answer']} answer), over data.max_length="
                     f"{max_length}; it would have to be truncated", "error", "SampleTooLongError"))
                 continue

@@ -311,13 +311,13 @@ def _read_table(split: str, tables: list[tuple[Path, str]], columns: Columns) ->
                     prompt = values.get(prompt_col) if prompt_col else None
                     if prompt is not None and not isinstance(prompt, str):
                         raise SchemaError(f"the prompt must be text, got {type(prompt).__name__}", name, i, prompt_col)
-                    row = Row("table", [], prompt or columns.default_prompt, answer)
+                    row = Row("table", [], prompt or columns.default_prompt, answer, answer_field=answer_col)
             except DataError as e:
                 out.problems.append(Problem.from_error(e))
                 continue
             out.layouts[FORMAT_LABELS[kind]] = out.layouts.get(FORMAT_LABELS[kind], 0) + 1
             out.records.append(Record(f"{split}:{offset + i}", split, sources, row.prompt, row.answer, name, i,
-                                      row.system))
+                                      row.system, answer_field=row.answer_field))
         offset += table.num_rows
         for c in unused:
             out.ignored[c] = out.ignored.get(c, 0) + table.num_rows

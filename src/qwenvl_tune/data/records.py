@@ -105,6 +105,7 @@ class Record:
     line: int
     system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    answer_field: str = "suffix"  # where the row holds its answer, for messages about it
 
     @property
     def target_text(self) -> str:
@@ -223,6 +224,7 @@ class Row:
     answer: Any
     system: str | None = None
     ignored: tuple[str, ...] = ()
+    answer_field: str = "suffix"
 
 
 def row_layout(obj: dict[str, Any], file: str, line: int) -> str:
@@ -361,7 +363,7 @@ def parse_conversation(obj: dict[str, Any], layout: str, file: str, line: int) -
     if not isinstance(text, str):
         raise SchemaError("the assistant answer must be text", file, line, f"{answer_at}.{text_key}")
     check_answer(text, file, line, f"{answer_at}.{text_key}")
-    return Row(layout, images, prompt, text, system)
+    return Row(layout, images, prompt, text, system, answer_field=f"{answer_at}.{text_key}")
 
 
 def parse_row(obj: dict[str, Any], file: str, line: int) -> Row:
@@ -610,6 +612,6 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
             continue
         out.add(row)
         out.records.append(Record(f"{split}:{lineno}", split, sources, row.prompt, row.answer, file, lineno,
-                                  row.system))
+                                  row.system, answer_field=row.answer_field))
     out.note_ignored(file)
     return out
