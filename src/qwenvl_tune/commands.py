@@ -104,7 +104,8 @@ class CheckOptions:
 @dataclass
 class ScoreOptions:
     pred: str = _req("Predictions: one answer per line (raw text, or {\"id\", \"output\"}).")
-    gold: str = _req("Gold answers: an annotations.jsonl (image, suffix) or lines with {\"id\", \"gold\"}.")
+    gold: str = _req("Gold answers: a file of annotation rows of any layout (JSON Lines, or a .json array) or "
+                     "lines with {\"id\", \"gold\"}.")
     out: str = _f("score_output", "Folder for metrics.json, fields.csv, predictions.jsonl and report.html.")
     protocol: Literal["both", "strict", "donut"] | None = _f(None, "Scores to show: strict, donut (Donut's "
                                                                    "JSONParseEvaluator) or both (sets metrics.protocol).")

@@ -167,3 +167,14 @@ def test_score_reads_gold_answers_from_messages_rows(tmp_path):
     assert [p["gold"] for p in pairs] == ['{"a": "0"}', '{"a": "1"}']
     assert pairs[1]["images"] == [str(tmp_path / "p1a.png"), str(tmp_path / "p1b.png")]
     assert notes == ["joined by line (not every line has an 'id')"]
+    # the same rows as LLaMA-Factory keeps them: one pretty-printed JSON array
+    gold_array = tmp_path / "valid.json"
+    gold_array.write_text(_json.dumps(rows, indent=2))
+    from_array, array_notes = read_pairs(pred, gold_array)
+    assert [{**p, "id": None} for p in from_array] == [{**p, "id": None} for p in pairs] and array_notes == notes
+    assert [p["id"] for p in from_array] == ["valid.json:2", "valid.json:18"]  # rows named by their first line
+    gold_array.write_text(_json.dumps(rows, indent=2)[:-3])
+    from qwenvl_tune.data.records import DataError
+
+    with pytest.raises(DataError, match=r"valid.json:\d+: malformed JSON"):
+        read_pairs(pred, gold_array)

@@ -521,7 +521,7 @@ class SplitRows:
                                          "warning", "IgnoredKeys"))
 
 
-def _json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
+def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
     """The elements of a JSON array file (LLaMA-Factory's ``.json`` datasets), each with the line it starts on, so
     rows are named by file and line as JSONL rows are. An element with a duplicate key or a NaN comes back as its
     JSONLError (the others are still read); text that is not a JSON array is a SplitError at its line and column,
@@ -588,7 +588,7 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
     except UnicodeDecodeError as e:
         raise SplitError(f"not UTF-8 text (byte {e.start}): {e.reason}", ann) from None
     if ann.suffix.lower() == ".json":
-        items: Iterator[tuple[int, Any]] = _json_array_rows(content, file)
+        items: Iterator[tuple[int, Any]] = json_array_rows(content, file)
         last = 0
     else:
         lines = content.split("\n")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError, loads_json, parse_row, read_text_file
+from ..data.records import DataError, json_array_rows, loads_json, parse_row, read_text_file
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -26,12 +26,26 @@ def _prediction(line: str) -> tuple[str | None, str]:
     return None, line
 
 
-def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, list[str]]:
-    """(id, gold answer, document files) of a gold line: ``{"id", "gold"}`` or an annotation row of any layout."""
-    try:
-        value = loads_json(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg}", path, n) from None
+def _gold_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line, parsed row) of a gold file: JSON Lines, or a JSON array when it ends in ``.json``."""
+    if path.suffix.lower() == ".json":
+        rows = []
+        for n, item in json_array_rows(read_text_file(path), str(path)):
+            if isinstance(item, DataError):
+                raise item
+            rows.append((n, item))
+        return rows
+    rows = []
+    for n, line in _lines(path):
+        try:
+            rows.append((n, loads_json(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON: {e.msg}", path, n) from None
+    return rows
+
+
+def _gold(path: Path, n: int, value: Any) -> tuple[str | None, Any, list[str]]:
+    """(id, gold answer, document files) of a gold row: ``{"id", "gold"}`` or an annotation row of any layout."""
     if not isinstance(value, dict):
         raise DataError("each gold line must be an object with 'suffix' (or 'gold', or messages)", path, n)
     gid = str(value["id"]) if "id" in value else None
@@ -49,7 +63,7 @@ def _gold(path: Path, n: int, line: str) -> tuple[str | None, Any, list[str]]:
 def read_pairs(pred_path: Path, gold_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows in ``evaluate``'s stored-prediction form, and notes (e.g. how lines were joined)."""
     preds = [(n, *_prediction(line)) for n, line in _lines(pred_path)]
-    golds = [(n, *_gold(gold_path, n, line)) for n, line in _lines(gold_path)]
+    golds = [(n, *_gold(gold_path, n, value)) for n, value in _gold_rows(gold_path)]
     notes: list[str] = []
     by_id = all(p[1] is not None for p in preds) and all(g[1] is not None for g in golds)
     rows = []
