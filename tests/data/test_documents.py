@@ -394,3 +394,17 @@ def test_bad_json_array_files_are_named_by_line(tmp_path):
     (folder / "train.json").unlink()
     with pytest.raises(DataError, match="laid out for LLaMA-Factory: name each split's file of rows after it"):
         check_split(folder, "train")
+
+
+def test_openai_vision_fine_tuning_rows_with_inline_images_load_the_same_samples(tmp_path):
+    """The chat format of OpenAI's vision fine-tuning files: image_url parts holding data: URIs, answer as text."""
+    _, want = _loaded(_roboflow(tmp_path))
+    files = tmp_path / "robo" / "train"
+    rows = [{"messages": [{"role": "user", "content": [
+        *[{"type": "image_url", "image_url": {"url": _data_uri(files / n), "detail": "high"}} for n in d],
+        {"type": "text", "text": PROMPT}]}, {"role": "assistant", "content": json.dumps(a)}]}
+        for d, a in zip(DOCS, ANSWERS)]
+    write_split(tmp_path / "oa" / "train", rows, {})
+    rep, got = _loaded(tmp_path / "oa")
+    _same(got, want)
+    assert list(rep.formats) == ["messages"]
