@@ -529,6 +529,12 @@ def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
     strict = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     lenient = json.JSONDecoder()
     space = re.compile(r"\s*")
+    seen = [0, 1]  # a position and its line: lines are counted from the last row on, not from the start each time
+
+    def line_at(at: int) -> int:
+        seen[1] += text.count("\n", seen[0], at)
+        seen[0] = at
+        return seen[1]
 
     def fail(msg: str, at: int) -> SplitError:
         line = text.count("\n", 0, at) + 1
@@ -543,7 +549,7 @@ def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
     if text.startswith("]", i):
         return
     while True:
-        line = text.count("\n", 0, i) + 1
+        line = line_at(i)
         try:
             obj, end = strict.raw_decode(text, i)
             yield line, obj
