@@ -430,7 +430,7 @@ def _near_miss(image: str, split_dir: Path) -> str | None:
     return (f"{parent}/{found}" if parent else found) if found else None
 
 
-_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:// is a Windows drive
 
 
 def decode_data_uri(image: str, file: str, line: int | None, field: str) -> bytes:
