@@ -46,6 +46,31 @@ def test_loader_returns_records_or_our_errors(tmp_path_factory, lines):
     assert len(got.records) + sum(p.level == "error" for p in got.problems) == got.rows  # every row accounted for
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(rows, max_size=6), indent=st.sampled_from([None, 2]),
+       noise=st.one_of(st.none(), st.text(max_size=30), st.sampled_from([",", "]", "[", "NaN", '{"a": 1, "a": 2}',
+                                                                      '{"a": {"b": 1, "b": 2}, oops', '[NaN, x'])),
+       at=st.integers(min_value=0, max_value=10_000))
+def test_json_array_files_return_records_or_our_errors(tmp_path_factory, items, indent, noise, at):
+    """LLaMA-Factory's .json files: any array of rows is read row by row; text spliced in anywhere gives records or
+    our errors, never a traceback, and never a row silently lost."""
+    folder = tmp_path_factory.mktemp("fuzzjson")
+    swatch((1, 2, 3)).save(folder / "a.png")
+    text = json.dumps(items, indent=indent)
+    if noise is not None:
+        at %= len(text) + 1
+        text = text[:at] + noise + text[at:]
+    (folder / "train.json").write_text(text, encoding="utf-8")
+    try:
+        got = read_split(folder, "train", file=folder / "train.json")
+    except DataError:
+        assert noise is not None  # a well-formed array is always read
+        return
+    assert len(got.records) + sum(p.level == "error" for p in got.problems) == got.rows
+    if noise is None:
+        assert got.rows == len(items)
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048))
 def test_random_bytes_as_image_or_annotations(tmp_path_factory, data):
@@ -58,10 +83,12 @@ def test_random_bytes_as_image_or_annotations(tmp_path_factory, data):
     split = d / "train"
     split.mkdir()
     (split / "annotations.jsonl").write_bytes(data)
-    try:
-        read_split(split)
-    except DataError:
-        pass
+    (split / "annotations.json").write_bytes(data)
+    for name in ("annotations.jsonl", "annotations.json"):
+        try:
+            read_split(split, file=split / name)
+        except DataError:
+            pass
 
 
 def _dataset_with_bad_rows(sample_data, tmp_path):

@@ -387,7 +387,10 @@ def test_bad_json_array_files_are_named_by_line(tmp_path):
     # broken JSON: nothing of the file is used, and the message says where and why
     for text, where in (("[\n" + good + ",\n{oops}\n]", ":3: malformed JSON: Expecting property name"),
                         ("[\n" + good + "\n" + good + "]", ":3: expected ',' or ']' after a row at column 1"),
-                        ('{"rows": []}', ":1: a .json annotations file holds one JSON array")):
+                        ('{"rows": []}', ":1: a .json annotations file holds one JSON array"),
+                        # a duplicate key or NaN first, then broken JSON further on in the same row
+                        ('[\n{"x": {"a": 1, "a": 2}, oops}]', ":2: malformed JSON: Expecting property name"),
+                        ('[\n{"x": [NaN,\n oops]}]', ":3: malformed JSON: Expecting value")):
         (folder / "train.json").write_text(text)
         with pytest.raises(DataError, match=re.escape(str(folder / "train.json") + where)):
             check_split(folder, "train")

@@ -556,7 +556,10 @@ def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise fail(f"malformed JSON: {e.msg}", e.pos) from None
         except (DuplicateKeyError, _Constant) as e:
-            _, end = lenient.raw_decode(text, i)
+            try:  # where the element ends, to read on after it; it may be broken further on too
+                _, end = lenient.raw_decode(text, i)
+            except json.JSONDecodeError as broken:
+                raise fail(f"malformed JSON: {broken.msg}", broken.pos) from None
             what = (f"duplicate key '{e.args[0]}' in one object" if isinstance(e, DuplicateKeyError)
                     else f"{e.args[0]} is not JSON (write null or a string)")
             yield line, JSONLError(what, file, line)
