@@ -103,6 +103,19 @@ def held(path: Path, busy: Callable[[str], Exception], remove: bool = False) -> 
         fh.close()
 
 
+def run_folder_hint(path: str | Path) -> str:
+    """' (PATH is a run folder, not a dataset; the run trained on DATA)' when a run folder is given where a dataset
+    goes, to end a 'split not found' message with; else ''."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return ""
+    try:
+        trained_on = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}).get("data", {}).get("path")
+    except (OSError, yaml.YAMLError, AttributeError):
+        trained_on = None
+    return f" ({path} is a run folder, not a dataset" + (f"; the run trained on {trained_on}" if trained_on else "") + ")"
+
+
 # --------------------------------------------------------------------------- one checkpoint folder
 
 

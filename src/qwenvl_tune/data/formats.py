@@ -24,10 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import MissingExtraError
-from ..rundir import CONFIG_FILE
 from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
                       SplitError, SplitRows, check_answer, loads_json, parse_conversation, read_split)
 
@@ -92,13 +89,6 @@ def layout_hint(data_dir: str | Path) -> str:
     if (path / "dataset_info.json").is_file():  # LLaMA-Factory's data folder: its datasets have their own names
         return (f" ({path} is laid out for LLaMA-Factory: name each split's file of rows after it, e.g. train.json "
                 f"and valid.json beside dataset_info.json)")
-    if (path / CONFIG_FILE).is_file():  # a run folder given where the data goes
-        try:
-            trained_on = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}).get("data", {}).get("path")
-        except (OSError, yaml.YAMLError, AttributeError):
-            trained_on = None
-        return (f" ({path} is a run folder, not a dataset"
-                + (f"; the run trained on {trained_on}" if trained_on else "") + ")")
     return ""
 
 

@@ -24,7 +24,7 @@ from ..data.records import DataError, SplitError
 from ..errors import RunFolderError
 from ..modeling.fastpath import FastPath
 from ..modeling.load import load_model_config
-from ..rundir import CheckpointError, RunDir, read_overrides
+from ..rundir import CheckpointError, RunDir, read_overrides, run_folder_hint
 
 
 RUN_NAME_ENV = "QWENVL_TUNE_RUN_NAME"
@@ -149,7 +149,13 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
-    train = check_split(d.path, "train", **kw)
+    try:
+        train = check_split(d.path, "train", **kw)
+    except SplitError as e:
+        hint = run_folder_hint(d.path)
+        if not hint:
+            raise
+        raise SplitError(e.reason + hint, e.file, e.line, e.field) from None
     held, said = None, ""
     try:
         valid = check_split(d.path, "valid", **kw)
