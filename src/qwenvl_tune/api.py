@@ -19,8 +19,9 @@ from .data.formats import Columns
 from .data.records import SplitError
 from .evaluation.report import read_predictions, write_outputs
 from .inference.session import Predictor
-from .rundir import RunDir, run_folder_hint
+from .rundir import RunDir
 from .training.run import train
+from .training.setup import naming_run_folder
 
 __all__ = ["build_config", "train", "evaluate", "predict", "Config", "Predictor"]
 
@@ -153,14 +154,9 @@ def check(path: str | Path, config: Config | None = None, *, notes: list[str] | 
         processor = None
         if notes is not None:
             notes.append(f"token counts and the data.max_length check skipped: {e}")
-    try:
+    with naming_run_folder(path):
         return build_report(path, processor, d.system_message, d.max_length if processor else None,
                             PageLimits.from_config(d), Columns.from_config(d))
-    except SplitError as e:
-        hint = run_folder_hint(path)
-        if not hint:
-            raise
-        raise SplitError(e.reason + hint, e.file, e.line, e.field) from None
 
 
 def score(pred_path: str | Path, gold_path: str | Path, out_dir: str | Path, *,

@@ -255,17 +255,17 @@ def suggest_for(command: str | None, unknown: list[str]) -> str:
 def run_folder_without_flag(argv: list[str]) -> str:
     """``evaluate runs/demo``: a run folder given where ``--run`` is expected, which argparse would answer only with
     "the following arguments are required: --run". Returns the corrected command line, or "" when that is not it."""
-    import shlex
-    from pathlib import Path
-
-    from .rundir import CONFIG_FILE
-
     command = next((a for a in argv if not a.startswith("-")), None)
     cmd = COMMANDS.get(command or "")
     if cmd is None or not any(f.name == "run" for f in dataclasses.fields(cmd.options)):
         return ""
     if any(a == "--run" or a.startswith("--run=") for a in argv):
         return ""
+    import shlex
+    from pathlib import Path
+
+    from .rundir import CONFIG_FILE  # only on this path: argument errors stay quick
+
     at = argv.index(command)
     for i in range(at + 1, len(argv)):
         a = argv[i]

@@ -138,6 +138,18 @@ def resumed_config(run_dir: RunDir, asked: Config) -> Config:
     return saved
 
 
+@contextlib.contextmanager
+def naming_run_folder(data_path: str | Path) -> Iterator[None]:
+    """A split not found in a run folder given as the data says that it is one, and what the run trained on."""
+    try:
+        yield
+    except SplitError as e:
+        hint = run_folder_hint(data_path)
+        if not hint:
+            raise
+        raise SplitError(e.reason + hint, e.file, e.line, e.field) from None
+
+
 def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True,
                trained_on: str | None = None) -> tuple[SplitReport, SplitReport]:
     """The train and valid splits checked (problems and summary written to the run folder, counts printed).
@@ -149,13 +161,8 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
               limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
-    try:
+    with naming_run_folder(d.path):
         train = check_split(d.path, "train", **kw)
-    except SplitError as e:
-        hint = run_folder_hint(d.path)
-        if not hint:
-            raise
-        raise SplitError(e.reason + hint, e.file, e.line, e.field) from None
     held, said = None, ""
     try:
         valid = check_split(d.path, "valid", **kw)
