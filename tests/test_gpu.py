@@ -317,7 +317,7 @@ def test_image_feature_cache_on_gpu_keeps_pinned_host_copies_and_gives_the_same_
     from qwenvl_tune.data.collate import RecordDataset, TrainCollator
     from qwenvl_tune.modeling.fastpath import FastPath
     from qwenvl_tune.modeling.load import load_base_model, load_processor, prepare_for_training
-    from qwenvl_tune.training.features import ImageFeatureCache, cache_blocker
+    from qwenvl_tune.training.features import HostSlabs, ImageFeatureCache, cache_blocker
     from qwenvl_tune.training.setup import _encoder_and_vision
     from qwenvl_tune.training.step import TrainStep
 
@@ -339,6 +339,7 @@ def test_image_feature_cache_on_gpu_keeps_pinned_host_copies_and_gives_the_same_
         second.backward()
     assert step.features.misses == 2 and step.features.hits == 2
     assert all(t.is_pinned() and not t.is_cuda for t in step.features.kept.values())
+    assert step.features.bytes == HostSlabs.SLAB, "both documents in one page-locked slab"
     assert torch.equal(first.detach(), second.detach())
 
 

@@ -72,7 +72,7 @@ def test_a_full_cache_keeps_what_fits_says_so_once_and_stays_correct(two_page_da
     step, rows, collate = _step_and_batches(two_page_data, tiny_dir, tmp_path)
     one = collate([rows[0]])
     _loss_and_grads(step, one)
-    size = step.features.bytes
+    size = step.features.used
     step, rows, collate = _step_and_batches(two_page_data, tiny_dir, tmp_path, gib=(size + 1) / 2**30)  # room for document 0 only
     batch = collate([rows[0], rows[1]])
     a = _loss_and_grads(step, batch)
@@ -81,6 +81,52 @@ def test_a_full_cache_keeps_what_fits_says_so_once_and_stays_correct(two_page_da
     assert step.features.hits == 0 and torch.equal(a[0], b[0])
     out = capsys.readouterr().out
     assert out.count("image feature cache full") == 1 and "1 documents kept" in out
+    assert step.features.bytes <= step.features.budget
+
+
+def test_host_slabs_hold_documents_back_to_back_within_the_budget():
+    from qwenvl_tune.training.features import HostSlabs
+
+    slabs = HostSlabs(budget=3 * HostSlabs.SLAB, pin=False)
+    docs = [torch.randn(1000 + 37 * i, 64, dtype=torch.bfloat16) for i in range(40)]  # 128-133 KiB each
+    kept = []
+    for d in docs:
+        host = slabs.take(d.shape, d.dtype)
+        host.copy_(d)
+        kept.append(host)
+    assert slabs.held == HostSlabs.SLAB, "forty documents share one slab"
+    assert slabs.used == sum(d.numel() * 2 for d in docs)
+    assert all((h.data_ptr() - h.untyped_storage().data_ptr()) % HostSlabs.ALIGN == 0 for h in kept)
+    assert all(torch.equal(h, d) for h, d in zip(kept, docs)), "no document overwrote another"
+
+    big = torch.ones(HostSlabs.SLAB - 2**20, dtype=torch.uint8)  # does not fit what is left of the first slab
+    host = slabs.take(big.shape, big.dtype)
+    assert host is not None and slabs.held == 2 * HostSlabs.SLAB
+    # the budget has one slab's room left: a document larger than that is refused, a smaller one still placed
+    assert slabs.take(torch.Size([HostSlabs.SLAB + 1]), torch.uint8) is None
+    assert slabs.take(torch.Size([HostSlabs.SLAB - 1]), torch.uint8) is not None
+    assert slabs.held == 3 * HostSlabs.SLAB == slabs.budget
+    assert slabs.take(torch.Size([HostSlabs.SLAB]), torch.uint8) is None
+    assert all(torch.equal(h, d) for h, d in zip(kept, docs))
+
+
+def test_page_locked_slabs_are_powers_of_two_so_the_budget_bounds_what_is_pinned():
+    """PyTorch's page-locked allocator rounds each request up to a power of two (CachingHostAllocator): the slabs
+    asked for are powers of two, never above the budget."""
+    from qwenvl_tune.training.features import HostSlabs
+
+    mib = 2**20
+    pinned = HostSlabs(budget=100 * mib, pin=True)
+    assert pinned._new_slab_size(5 * mib) == 64 * mib
+    assert pinned._new_slab_size(70 * mib) == 0, "128 MiB would pass the budget; 64 MiB is too small"
+    pinned.held = 64 * mib  # 36 MiB left: the largest power of two within it
+    assert pinned._new_slab_size(5 * mib) == 32 * mib
+    assert pinned._new_slab_size(33 * mib) == 0
+    large = HostSlabs(budget=8 * 2**30, pin=True)
+    assert large._new_slab_size(65 * mib) == 128 * mib
+    plain = HostSlabs(budget=100 * mib, pin=False)  # host memory not page-locked: exact sizes
+    plain.held = 64 * mib
+    assert plain._new_slab_size(5 * mib) == 36 * mib
 
 
 def test_the_cache_is_off_where_the_features_would_not_be_the_same(tiny_family, tiny_dir, tmp_path):

@@ -51,6 +51,53 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+class HostSlabs:
+    """Host memory for kept features, handed out from a few large buffers ("slabs") within a byte budget.
+
+    PyTorch's page-locked allocator rounds every request up to a power of two and keeps the block: asked per
+    document, the 3B model's ~5 MiB of features a page pinned 8 MiB, so the budget bounded what was asked for, not
+    what was held (up to twice as much), and each document cost one ``cudaHostAlloc`` call (~4 ms on an H200 host,
+    bench/results/logs/profile_3b_defaults_2026-12-03b.log). Here page-locked slabs are powers of two themselves
+    (64 MiB, or the next power of two above a larger document), so ``held`` is what the machine gives up, and the
+    budget bounds it; documents are placed one after another in a slab, each at a 256-byte boundary.
+    """
+
+    SLAB = 64 * 2**20
+    ALIGN = 256
+
+    def __init__(self, budget: int, pin: bool):
+        self.budget, self.pin = budget, pin
+        self.held = 0  # bytes of all slabs
+        self.used = 0  # bytes of the documents placed in them
+        self._slab: torch.Tensor | None = None
+        self._offset = 0
+
+    def _new_slab_size(self, nbytes: int) -> int:
+        """The size of the next slab for a document of ``nbytes``, or 0 when the budget has no room for it."""
+        size = max(nbytes, self.SLAB)
+        left = self.budget - self.held
+        if self.pin:
+            size = 1 << (size - 1).bit_length()
+        if size > left:
+            size = left if not self.pin else (1 << (left.bit_length() - 1) if left > 0 else 0)
+        return size if size >= nbytes else 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """An uninitialised host tensor of ``shape`` and ``dtype`` in a slab, or None when the budget is spent."""
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        start = -(-self._offset // self.ALIGN) * self.ALIGN
+        if self._slab is None or start + nbytes > self._slab.numel():
+            size = self._new_slab_size(nbytes)
+            if not size:
+                return None
+            self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            self.held += size
+            start = 0
+        self._offset = start + nbytes
+        self.used += nbytes
+        return self._slab[start:start + nbytes].view(dtype).view(shape)
+
+
 class ImageFeatureCache:
     """Per-document image features on the host, by training-split row index, within a byte budget."""
 
@@ -59,7 +106,7 @@ class ImageFeatureCache:
         self.merge = int(getattr(vision_tower(model), "spatial_merge_size", 2)) ** 2
         self.image_token = model.config.image_token_id
         self.kept: dict[int, torch.Tensor] = {}
-        self.bytes = 0
+        self.host: HostSlabs | None = None  # made at the first document kept, page-locked when features are on a GPU
         self.full = False
         self.hits = self.misses = 0
 
@@ -125,21 +172,28 @@ class ImageFeatureCache:
             start += n
             if row in self.kept:
                 continue
-            size = part.numel() * part.element_size()
-            if self.bytes + size > self.budget:
+            if self.host is None:
+                self.host = HostSlabs(self.budget, pin=part.is_cuda)
+            host = self.host.take(part.shape, part.dtype)
+            if host is None:
                 self.full = True
                 print(f"image feature cache full ({_size(self.bytes)}, train.image_cache_gib): "
                       f"{len(self.kept)} documents kept; batches with others run the vision tower every epoch",
                       flush=True)
                 return
-            if part.is_cuda:  # to page-locked host memory, without waiting for the GPU
-                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-                host.copy_(part, non_blocking=True)
-            else:
-                host = part.clone()
+            host.copy_(part, non_blocking=part.is_cuda)  # from a GPU: page-locked memory, without waiting for it
             self.kept[row] = host
-            self.bytes += size
+
+    @property
+    def bytes(self) -> int:
+        """Host memory held for kept features (the budget bounds it)."""
+        return self.host.held if self.host else 0
+
+    @property
+    def used(self) -> int:
+        """Bytes of the kept features themselves."""
+        return self.host.used if self.host else 0
 
     def describe(self) -> str:
-        return (f"image feature cache: {len(self.kept)} documents, {_size(self.bytes)}; "
+        return (f"image feature cache: {len(self.kept)} documents, {_size(self.used)} in {_size(self.bytes)} of host memory; "
                 f"{self.hits} document-steps took kept features, {self.misses} ran the tower")
