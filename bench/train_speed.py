@@ -835,6 +835,10 @@ def run_isolated(v: dict, args, ckpt: str, out: Path) -> dict:
     except (OSError, ValueError, IndexError, KeyError):
         tail = (sub / "log.txt").read_text(errors="replace")[-600:]
         row = {"name": v["name"], "desc": v["desc"], "error": f"exit {rc}: {tail}"}
+    # the process's log beside the results, one level down: the device tool returns files no deeper than that
+    log_text = (sub / "log.txt").read_text(errors="replace")
+    (out / f"log_{v['name']}_r{v['round']}.txt").write_text(
+        "".join(line for line in log_text.splitlines(keepends=True) if "Loading weights" not in line))
     row = {**row, "round": v["round"], "isolated": True, "process_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(row), flush=True)
     return row
