@@ -71,6 +71,38 @@ def test_json_array_files_return_records_or_our_errors(tmp_path_factory, items, 
         assert got.rows == len(items)
 
 
+csv_cells = st.one_of(st.text(max_size=12), st.sampled_from(["a.png", "", '{"total": "1"}', '{"gt_parse": {"a": 1}}',
+                                                             '"quoted, with comma"', "line\nbreak", '"open']))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.lists(st.sampled_from(["file_name", "text", "ground_truth", "prompt", "x", ""]), min_size=0, max_size=4),
+       cells=st.lists(st.lists(csv_cells, max_size=5), max_size=6), raw=st.booleans())
+def test_metadata_csv_files_return_records_or_our_errors(tmp_path_factory, header, cells, raw):
+    """ImageFolder's metadata.csv: any header and cells (written by the csv module, or joined raw so quotes and
+    line breaks land anywhere) give records or our errors, and every row is accounted for."""
+    import csv
+    import io
+
+    folder = tmp_path_factory.mktemp("fuzzcsv") / "train"
+    folder.mkdir()
+    swatch((1, 2, 3)).save(folder / "a.png")
+    if raw:
+        text = "\n".join(",".join(r) for r in [header, *cells])
+    else:
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *cells])
+        text = buf.getvalue()
+    (folder / "metadata.csv").write_text(text, encoding="utf-8")
+    from qwenvl_tune.data.formats import read_location, locate_split
+
+    try:
+        got = read_location(locate_split(folder.parent, "train"))
+    except DataError:
+        return
+    assert len(got.records) + sum(p.level == "error" for p in got.problems) == got.rows
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048))
 def test_random_bytes_as_image_or_annotations(tmp_path_factory, data):
@@ -84,7 +116,8 @@ def test_random_bytes_as_image_or_annotations(tmp_path_factory, data):
     split.mkdir()
     (split / "annotations.jsonl").write_bytes(data)
     (split / "annotations.json").write_bytes(data)
-    for name in ("annotations.jsonl", "annotations.json"):
+    (split / "metadata.csv").write_bytes(data)
+    for name in ("annotations.jsonl", "annotations.json", "metadata.csv"):
         try:
             read_split(split, file=split / name)
         except DataError:

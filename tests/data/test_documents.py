@@ -411,3 +411,91 @@ def test_openai_vision_fine_tuning_rows_with_inline_images_load_the_same_samples
     rep, got = _loaded(tmp_path / "oa")
     _same(got, want)
     assert list(rep.formats) == ["messages"]
+
+
+def test_imagefolder_metadata_jsonl_rows_with_donut_ground_truth_load_the_same_samples(tmp_path):
+    """donut-python's dataset layout is Hugging Face's ImageFolder: metadata.jsonl beside the images, a file_name
+    and a ground_truth holding {"gt_parse": ...} as text; the prompt is data.prompt. A list in file_name keeps a
+    document's pages in order."""
+    _, want = _loaded(_roboflow(tmp_path))
+    rows = [{"file_name": d if len(d) > 1 else d[0], "ground_truth": json.dumps({"gt_parse": a})}
+            for d, a in zip(DOCS, ANSWERS)]
+    folder = tmp_path / "donut"
+    write_split(folder / "validation", rows, _pages())
+    (folder / "validation" / "annotations.jsonl").rename(folder / "validation" / "metadata.jsonl")
+    loc = locate_split(folder, "valid")
+    assert loc.label == str(folder / "validation" / "metadata.jsonl")
+    rep = check_split(folder, "valid")
+    assert not rep.errors, [str(p) for p in rep.errors]
+    got = _loaded_split(folder, "valid")
+    _same(got, want)
+    assert list(rep.formats) == ["imagefolder"] and rep.formats["imagefolder"] == 3
+    warnings = [p for p in rep.problems if p.level == "warning"]
+    assert [p.kind for p in warnings] == ["DonutGroundTruth"] and "3 answer(s)" in warnings[0].message
+    assert [r.line for r in rep.records] == [1, 2, 3] and rep.records[0].answer_field == "ground_truth"
+
+
+def test_imagefolder_metadata_csv_is_read_with_quoted_multi_line_cells_and_bad_rows_named(tmp_path):
+    import csv
+
+    pages = _pages()
+    one_page = [("b.png", ANSWERS[1]), ("a1.png", ANSWERS[0]), ("c2.png", ANSWERS[2])]
+    robo = [{"image": n, "prefix": PROMPT, "suffix": a} for n, a in one_page]
+    write_split(tmp_path / "robo1" / "train", robo, pages)
+    _, want = _loaded(tmp_path / "robo1")
+
+    folder = tmp_path / "csv" / "train"
+    folder.mkdir(parents=True)
+    for n, im in pages.items():
+        im.save(folder / n)
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file_name", "text", "scanner"])  # "text": ImageFolder's answer column for image-to-text
+        for n, a in one_page:
+            w.writerow([n, json.dumps(a, indent=2), "x"])  # pretty-printed: each cell spans several lines
+    rep, got = _loaded(tmp_path / "csv")
+    _same(got, want)
+    assert rep.formats == {"imagefolder": 3} and rep.ignored == {"scanner": 3}
+    lines = (folder / "metadata.csv").read_text().split("\n")
+    assert [lines[r.line - 1][:6] for r in rep.records] == ["b.png,", "a1.png", "c2.png"], "named by starting line"
+
+    # bad rows: each named by line and column, the others still read
+    with open(folder / "metadata.csv", "a", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerows([["b.png", '{"total": "1"}'], ["gone.png", '{"total": "1"}', ""], ["", '{"total": "1"}', ""],
+                     ["b.png", "", ""], ["b.png", '{"total": "2"}', "y"]])
+    start = len(lines)
+    rep = check_split(tmp_path / "csv", "train")
+    assert len(rep.records) == 4 and rep.records[-1].line == start + 4
+    found = sorted((p.line - start, p.field, p.message) for p in rep.errors)
+    expected = [(0, None, "2 cells, but the header names 3 columns"), (1, "file_name", "image 'gone.png' not found"),
+                (2, "file_name", "'file_name' must name the document's file"), (3, "text", "'text' is empty")]
+    assert [(n, f) for n, f, _ in found] == [(n, f) for n, f, _ in expected]
+    assert all(m.startswith(want) for (_, _, m), (_, _, want) in zip(found, expected)), found
+
+    # columns by other names, chosen with the data.*_column options; a prompt column of its own
+    (folder / "metadata.csv").write_text("scan,truth,ask\nb.png,\"{\"\"total\"\": \"\"7.50\"\"}\",Read it.\n")
+    unnamed = check_split(tmp_path / "csv", "train").errors
+    assert len(unnamed) == 1 and unnamed[0].message.startswith("no image column (looked for file_name")
+    assert unnamed[0].message.endswith("name it with data.image_column; the row's columns are scan, truth, ask")
+    rep, got = _loaded(tmp_path / "csv", Columns(image="scan", answer="truth", prompt="ask"))
+    assert got[0][:2] == ("Read it.", {"total": "7.50"}) and rep.records[0].answer_field == "truth"
+
+
+@pytest.mark.parametrize("text,where", [
+    ("", ":1: the CSV file is empty"),
+    ("\n\n", ":1: the CSV file's first line is empty"),
+    ("file_name,text,file_name\nb.png,x,y\n", ":1: the CSV header names column(s) 'file_name' twice"),
+])
+def test_broken_metadata_csv_files_are_named(tmp_path, text, where):
+    folder = tmp_path / "d" / "train"
+    folder.mkdir(parents=True)
+    (folder / "metadata.csv").write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(folder / "metadata.csv") + where)):
+        check_split(tmp_path / "d", "train")
+
+
+def test_imagefolder_rows_in_an_annotations_file_say_where_they_belong(tmp_path):
+    write_split(tmp_path / "d" / "train", [{"file_name": "b.png", "ground_truth": "{}"}], _pages())
+    rep = check_split(tmp_path / "d", "train")
+    assert len(rep.errors) == 1 and "metadata.jsonl or metadata.csv" in rep.errors[0].message

@@ -87,7 +87,7 @@ def test_a_full_cache_keeps_what_fits_says_so_once_and_stays_correct(two_page_da
 def test_host_slabs_hold_documents_back_to_back_within_the_budget():
     from qwenvl_tune.training.features import HostSlabs
 
-    slabs = HostSlabs(budget=3 * HostSlabs.SLAB, pin=False)
+    slabs = HostSlabs(budget=3 * HostSlabs.SLAB, pin=False, slab=HostSlabs.SLAB)
     docs = [torch.randn(1000 + 37 * i, 64, dtype=torch.bfloat16) for i in range(40)]  # 128-133 KiB each
     kept = []
     for d in docs:
@@ -124,9 +124,11 @@ def test_page_locked_slabs_are_powers_of_two_so_the_budget_bounds_what_is_pinned
     assert pinned._new_slab_size(33 * mib) == 0
     large = HostSlabs(budget=8 * 2**30, pin=True)
     assert large._new_slab_size(65 * mib) == 128 * mib
-    plain = HostSlabs(budget=100 * mib, pin=False)  # host memory not page-locked: exact sizes
+    plain = HostSlabs(budget=100 * mib, pin=False, slab=64 * mib)  # not page-locked: sizes not rounded
     plain.held = 64 * mib
     assert plain._new_slab_size(5 * mib) == 36 * mib
+    cpu = HostSlabs(budget=100 * mib, pin=False)  # features on a CPU: memory per document, as it is
+    assert cpu._new_slab_size(5 * mib) == 5 * mib
 
 
 def test_the_cache_is_off_where_the_features_would_not_be_the_same(tiny_family, tiny_dir, tmp_path):

@@ -7,6 +7,9 @@
   a ``DatasetDict`` folder holding one per split), read with ``datasets.load_from_disk``;
 - Parquet files: ``<data>/<split>.parquet``, ``<data>/<split>/*.parquet``, ``<data>/<split>-*.parquet`` or the
   hub's ``<data>/data/<split>-*.parquet``, read with pyarrow.
+- Hugging Face ImageFolder metadata, which is also donut-python's dataset layout: ``<data>/<split>/metadata.jsonl``
+  or ``metadata.csv`` beside the images, a row per document with ``file_name`` and an answer column (Donut's
+  ``ground_truth`` with ``gt_parse`` inside, or any of the usual answer names), read without extra packages.
 
 Tables have an image column (an HF ``Image`` value, bytes, a path, or a list of them for several pages), an
 answer column (text or a JSON object) or a ``messages``/``conversations`` column, and an optional prompt
@@ -25,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingExtraError
-from .records import (ANNOTATIONS, MESSAGES, SHAREGPT, SPLIT_ALIASES, DataError, Problem, Record, Row, SchemaError,
-                      SplitError, SplitRows, check_answer, loads_json, parse_conversation, read_split)
+from .records import (ANNOTATIONS, IMAGEFOLDER, MESSAGES, METADATA_FILES, SHAREGPT, SPLIT_ALIASES, DataError, Problem,
+                      Record, Row, SchemaError, SplitError, SplitRows, check_answer, donut_note, loads_json,
+                      parse_conversation, read_split)
 
 JSONL, PARQUET, ARROW = "jsonl", "parquet", "arrow"  # JSONL: JSON Lines or a JSON array of rows
 JSON_ANNOTATIONS = "annotations.json"
@@ -34,6 +38,9 @@ FORMAT_LABELS = {PARQUET: "Parquet", ARROW: "Hugging Face datasets folder (save_
 IMAGE_COLUMNS = ("images", "image", "pages", "page_images")
 ANSWER_COLUMNS = ("suffix", "answer", "ground_truth", "json", "target", "output", "label", "response")
 PROMPT_COLUMNS = ("prefix", "prompt", "question", "instruction", "query")
+# ImageFolder metadata: the files are in file_name (Hugging Face's name); "text" is its image-to-text answer column
+METADATA_IMAGE_COLUMNS = ("file_name", "file_names") + IMAGE_COLUMNS
+METADATA_ANSWER_COLUMNS = ANSWER_COLUMNS + ("text",)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,9 @@ class SplitLocation:
 def expected_layouts(data_dir: str | Path, split: str) -> str:
     """The places a split may be, for a 'not found' message."""
     d = Path(data_dir)
-    return (f"{d / split / ANNOTATIONS} (or annotations.json), {d / split}.jsonl or {d / split}.json, a datasets "
-            f"folder {d / split}/ or Parquet files named {split}*.parquet")
+    return (f"{d / split / ANNOTATIONS} (or annotations.json, or ImageFolder's metadata.jsonl / metadata.csv), "
+            f"{d / split}.jsonl or {d / split}.json, a datasets folder {d / split}/ or Parquet files named "
+            f"{split}*.parquet")
 
 
 _SPLIT_NAMES = frozenset(n for names in SPLIT_ALIASES.values() for n in names)
@@ -101,6 +109,9 @@ def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
             return SplitLocation(split, JSONL, folder)
         if (folder / JSON_ANNOTATIONS).is_file():
             return SplitLocation(split, JSONL, folder, (folder / JSON_ANNOTATIONS,))
+        for meta in METADATA_FILES:
+            if (folder / meta).is_file():
+                return SplitLocation(split, JSONL, folder, (folder / meta,))
         if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
             return SplitLocation(split, ARROW, folder)
         for pattern_dir, pattern in ((folder, "*.parquet"), (data_dir, f"{name}.parquet"),
@@ -119,10 +130,62 @@ def locate_split(data_dir: str | Path, split: str) -> SplitLocation | None:
 def read_location(loc: SplitLocation, columns: Columns = Columns()) -> SplitRows:
     """Every row of a split as records (problems for the rows that are not usable)."""
     if loc.kind == JSONL:
-        return read_split(loc.path, loc.split, columns.max_pages, file=loc.files[0] if loc.files else None)
+        file = loc.files[0] if loc.files else None
+        parse = metadata_row_parser(columns) if file is not None and file.name in METADATA_FILES else None
+        return read_split(loc.path, loc.split, columns.max_pages, file=file, parse=parse)
     if loc.kind == ARROW:
         return _read_table(loc.split, [(loc.path, ARROW)], columns)
     return _read_table(loc.split, [(f, PARQUET) for f in loc.files], columns)
+
+
+# ---- ImageFolder metadata rows
+
+def _key(obj: dict[str, Any], wanted: str, usual: tuple[str, ...], what: str, option: str, file: str, line: int,
+         required: bool = True) -> str | None:
+    """The key of a metadata row that holds ``what``: the one named by ``option`` or the first usual name present."""
+    if wanted:
+        if wanted not in obj:
+            raise SchemaError(f"no column '{wanted}' ({option}); the row's columns are {', '.join(obj)}", file, line,
+                              wanted)
+        return wanted
+    found = next((k for k in usual if k in obj), None)
+    if found is None and required:
+        raise SchemaError(f"no {what} column (looked for {', '.join(usual)}); name it with {option}; the row's columns "
+                          f"are {', '.join(obj)}", file, line, usual[0])
+    return found
+
+
+def metadata_row_parser(columns: Columns):
+    """How a row of ImageFolder's ``metadata.jsonl`` / ``metadata.csv`` becomes a Row: its files in ``file_name``
+    (a path, or a list of pages in JSONL), its answer in the first of the usual answer columns (Donut's
+    ``{"gt_parse": ...}`` unwrapped), an optional prompt column, else ``data.prompt``. A CSV's empty prompt cell
+    means no prompt of its own."""
+
+    def parse(obj: dict[str, Any], file: str, line: int) -> Row:
+        image_key = _key(obj, columns.image, METADATA_IMAGE_COLUMNS, "image", "data.image_column", file, line)
+        answer_key = _key(obj, columns.answer, METADATA_ANSWER_COLUMNS, "answer", "data.answer_column", file, line)
+        prompt_key = _key(obj, columns.prompt, PROMPT_COLUMNS, "prompt", "data.prompt_column", file, line,
+                          required=False)
+        files = obj[image_key]
+        if isinstance(files, list):
+            if not files:
+                raise SchemaError(f"'{image_key}' is an empty list; it names the document's files", file, line,
+                                  image_key)
+        elif isinstance(files, str) and files.strip():
+            files = [files]
+        else:
+            raise SchemaError(f"'{image_key}' must name the document's file (a path relative to the metadata file), "
+                              f"got {files!r:.80}", file, line, image_key)
+        answer, donut = _answer(obj[answer_key], file, line, answer_key)
+        prompt = obj.get(prompt_key) if prompt_key else None
+        if prompt is not None and not isinstance(prompt, str):
+            raise SchemaError(f"the prompt must be text, got {type(prompt).__name__}", file, line, prompt_key)
+        row = Row(IMAGEFOLDER, files, prompt or columns.default_prompt, answer, answer_field=answer_key, donut=donut,
+                  image_field=image_key)
+        row.ignored = tuple(sorted(set(obj) - {image_key, answer_key, prompt_key}))
+        return row
+
+    return parse
 
 
 # ---- tables
@@ -312,8 +375,7 @@ def _read_table(split: str, tables: list[tuple[Path, str]], columns: Columns) ->
         for c in unused:
             out.ignored[c] = out.ignored.get(c, 0) + table.num_rows
     if donut:
-        out.problems.append(Problem(out.source, None, None, f"{donut} answer(s) taken from Donut-style ground truth "
-                                    f"('gt_parse' inside the answer column)", "warning", "DonutGroundTruth"))
+        out.problems.append(donut_note(out.source, donut))
     if out.ignored:
         keys = ", ".join(f"'{k}'" for k in sorted(out.ignored))
         out.problems.append(Problem(out.source, None, None, f"column(s) not used for training, ignored: {keys}",

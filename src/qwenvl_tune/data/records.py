@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import QwenVLTuneError
 
@@ -203,9 +203,12 @@ def parse_line(text: str, file: str, line: int) -> dict[str, Any]:
 ROBOFLOW = "roboflow"  # {"image" | "images", "prefix", "suffix"}: Roboflow / maestro JSONL
 MESSAGES = "messages"  # {"messages": [{"role", "content"}], "images"}: LLaMA-Factory (openai style) / ms-swift
 SHAREGPT = "sharegpt"  # {"conversations": [{"from", "value"}], "images"}: LLaMA-Factory sharegpt
+IMAGEFOLDER = "imagefolder"  # {"file_name", "ground_truth" | ...}: Hugging Face ImageFolder / donut-python metadata
 FORMAT_NAMES = {ROBOFLOW: "Roboflow/maestro rows (image, prefix, suffix)",
                 MESSAGES: "messages rows (LLaMA-Factory / ms-swift: messages + images)",
-                SHAREGPT: "ShareGPT rows (LLaMA-Factory: conversations + images)"}
+                SHAREGPT: "ShareGPT rows (LLaMA-Factory: conversations + images)",
+                IMAGEFOLDER: "ImageFolder metadata rows (Hugging Face / donut-python: file_name + answer)"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # what Hugging Face's ImageFolder (and donut-python) read
 KNOWN_KEYS = {ROBOFLOW: {"image", "images", "prefix", "suffix"},
               MESSAGES: {"messages", "images", "image", "system"},
               SHAREGPT: {"conversations", "images", "image", "system"}}
@@ -225,6 +228,14 @@ class Row:
     system: str | None = None
     ignored: tuple[str, ...] = ()
     answer_field: str = "suffix"
+    donut: bool = False  # the answer was unwrapped from Donut-style ground truth ({"gt_parse": ...})
+    image_field: str = ""  # the key of the row's document files, for messages about them ("" : image / images)
+
+
+def donut_note(source: str, n: int) -> "Problem":
+    """The one warning per split that ``n`` answers were unwrapped from Donut-style ground truth."""
+    return Problem(source, None, None, f"{n} answer(s) taken from Donut-style ground truth ('gt_parse' inside the "
+                   f"answer)", "warning", "DonutGroundTruth")
 
 
 def row_layout(obj: dict[str, Any], file: str, line: int) -> str:
@@ -234,8 +245,10 @@ def row_layout(obj: dict[str, Any], file: str, line: int) -> str:
         return SHAREGPT
     if {"image", "images", "prefix", "suffix"} & set(obj):
         return ROBOFLOW
+    where = (f"; rows with file_name are Hugging Face ImageFolder / donut-python metadata, read from a file named "
+             f"{' or '.join(METADATA_FILES)} in the split folder" if "file_name" in obj else "")
     raise SchemaError(f"unrecognised row with keys {sorted(obj)[:6]}: a row needs image (or images), prefix and suffix "
-                      f"(Roboflow/maestro), or messages + images (LLaMA-Factory / ms-swift)", file, line,
+                      f"(Roboflow/maestro), or messages + images (LLaMA-Factory / ms-swift){where}", file, line,
                       next(iter(sorted(obj)), None))
 
 
@@ -383,14 +396,16 @@ def parse_row(obj: dict[str, Any], file: str, line: int) -> Row:
     return row
 
 
-def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max_pages: int | None = None) -> tuple:
-    """The row's files as sources: each a file checked to exist inside the split folder, or a data: URI's bytes."""
-    field = "image" if len(images) == 1 else "images"
+def resolve_images(images: list[Any], split_dir: Path, file: str, line: int, max_pages: int | None = None,
+                   field: str = "") -> tuple:
+    """The row's files as sources: each a file checked to exist inside the split folder, or a data: URI's bytes.
+    ``field`` names the row's key for them (default: ``image`` for one, ``images`` for several)."""
+    field = field or ("image" if len(images) == 1 else "images")
     if max_pages is not None and len(images) > max_pages:
         raise SchemaError(f"{len(images)} images, over data.max_pages={max_pages}", file, line, field)
     out = []
     for k, image in enumerate(images):
-        at = field if len(images) == 1 else f"images[{k}]"
+        at = field if len(images) == 1 else f"{field}[{k}]"
         if not isinstance(image, str) or not image.strip():
             raise SchemaError(f"'{at}' must be a non-empty string (a path relative to {split_dir}), got {image!r:.80}",
                               file, line, at)
@@ -571,11 +586,53 @@ def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
         i = space.match(text, i + 1).end()
 
 
+def csv_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
+    """The rows of a CSV file with a header (ImageFolder's ``metadata.csv``) as dicts, each with the line it starts
+    on (a quoted cell may span lines). A row with more or fewer cells than the header comes back as its SchemaError;
+    a header that is empty or names a column twice is a SplitError."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise SplitError("the CSV file is empty: its first line names the columns", file, 1) from None
+    except csv.Error as e:
+        raise SplitError(f"malformed CSV header: {e}", file, 1) from None
+    names = [h.strip() for h in header]
+    if not any(names):
+        raise SplitError("the CSV file's first line is empty: it must name the columns", file, 1)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SplitError(f"the CSV header names column(s) {', '.join(map(repr, twice))} twice", file, 1)
+    end = reader.line_num
+    while True:
+        start = end + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise SplitError(f"malformed CSV: {e}; none of the rows after it can be trusted", file, reader.line_num) \
+                from None
+        end = reader.line_num
+        if not cells or cells == [""]:
+            yield start, ""  # a blank line
+        elif len(cells) != len(names):
+            yield start, SchemaError(f"{len(cells)} cells, but the header names {len(names)} columns "
+                                     f"({', '.join(names)})", file, start)
+        else:
+            yield start, dict(zip(names, cells))
+
+
 def read_split(split_dir: str | Path, split: str | None = None, max_pages: int | None = None,
-               file: str | Path | None = None) -> SplitRows:
-    """Read one split's rows (each Roboflow-, messages- or ShareGPT-style) from ``file``: JSON Lines, or a JSON
-    array when it ends in ``.json``; by default the split folder's ``annotations.jsonl``. Images are named
-    relative to the file's folder.
+               file: str | Path | None = None, parse: Callable[[dict[str, Any], str, int], Row] | None = None
+               ) -> SplitRows:
+    """Read one split's rows (each Roboflow-, messages- or ShareGPT-style) from ``file``: JSON Lines, a JSON
+    array when it ends in ``.json``, CSV with a header when it ends in ``.csv``; by default the split folder's
+    ``annotations.jsonl``. Images are named relative to the file's folder. ``parse`` turns one row into a Row
+    (default ``parse_row``, which detects the layout per row).
 
     Returns the records that passed the row checks, every problem found (errors for rows that were not turned
     into records, warnings otherwise) and the number of rows seen.
@@ -590,6 +647,7 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
         raise SplitError(f"annotations file not found: {ann}", ann)
     file = str(ann)
     out = SplitRows(source=file)
+    donut = 0
     try:
         # utf-8-sig drops a BOM; newline=None turns CRLF into LF.
         with open(ann, encoding="utf-8-sig", newline=None) as fh:
@@ -599,6 +657,8 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
     if ann.suffix.lower() == ".json":
         items: Iterator[tuple[int, Any]] = json_array_rows(content, file)
         last = 0
+    elif ann.suffix.lower() == ".csv":
+        items, last = csv_rows(content, file), 0
     else:
         lines = content.split("\n")
         items, last = enumerate(lines, start=1), len(lines)
@@ -614,13 +674,16 @@ def read_split(split_dir: str | Path, split: str | None = None, max_pages: int |
             obj = parse_line(item, file, lineno) if isinstance(item, str) else item
             if not isinstance(obj, dict):
                 raise JSONLError(f"each row must be a JSON object, got {type(obj).__name__}", file, lineno)
-            row = parse_row(obj, file, lineno)
-            sources = resolve_images(row.images, split_dir, file, lineno, max_pages)
+            row = (parse or parse_row)(obj, file, lineno)
+            sources = resolve_images(row.images, split_dir, file, lineno, max_pages, row.image_field)
         except DataError as e:
             out.problems.append(Problem.from_error(e))
             continue
         out.add(row)
+        donut += row.donut
         out.records.append(Record(f"{split}:{lineno}", split, sources, row.prompt, row.answer, file, lineno,
                                   row.system, answer_field=row.answer_field))
+    if donut:
+        out.problems.append(donut_note(file, donut))
     out.note_ignored(file)
     return out

@@ -59,14 +59,16 @@ class HostSlabs:
     what was held (up to twice as much), and each document cost one ``cudaHostAlloc`` call (~4 ms on an H200 host,
     bench/results/logs/profile_3b_defaults_2026-12-03b.log). Here page-locked slabs are powers of two themselves
     (64 MiB, or the next power of two above a larger document), so ``held`` is what the machine gives up, and the
-    budget bounds it; documents are placed one after another in a slab, each at a 256-byte boundary.
+    budget bounds it; documents are placed one after another in a slab, each at a 256-byte boundary. Memory that
+    is not page-locked (features computed on a CPU) is taken per document (``slab=0``): nothing to save there.
     """
 
     SLAB = 64 * 2**20
     ALIGN = 256
 
-    def __init__(self, budget: int, pin: bool):
+    def __init__(self, budget: int, pin: bool, slab: int | None = None):
         self.budget, self.pin = budget, pin
+        self.slab = (self.SLAB if pin else 0) if slab is None else slab
         self.held = 0  # bytes of all slabs
         self.used = 0  # bytes of the documents placed in them
         self._slab: torch.Tensor | None = None
@@ -74,7 +76,7 @@ class HostSlabs:
 
     def _new_slab_size(self, nbytes: int) -> int:
         """The size of the next slab for a document of ``nbytes``, or 0 when the budget has no room for it."""
-        size = max(nbytes, self.SLAB)
+        size = max(nbytes, self.slab)
         left = self.budget - self.held
         if self.pin:
             size = 1 << (size - 1).bit_length()
