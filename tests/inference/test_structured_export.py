@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny_overrides
 from qwenvl_tune import api
@@ -146,3 +148,91 @@ def test_adapter_export_warns_when_vllm_would_ignore_vision_adapters(sample_data
     quiet = api.train(build_config(None, tiny_overrides(sample_data, tiny_dir, tmp_path, **{
         "train.max_steps": 1, "run.name": "lm-only"})))
     assert "warning" not in json.loads((export_run(quiet, tmp_path / "a2") / "qwenvl_tune_export.json").read_text())
+
+
+# answers as documents hold them: multi-line addresses, quotes, backslashes, tabs, accents, emoji, control bytes
+_string_values = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(
+    ["12 Main St\nSpringfield", 'ACME "Best" Ltd', "C:\\scans\\007.png", "a\tb", "Zürich — 5 €", "🧾", "\x1f\x00"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(answers=st.lists(st.lists(st.one_of(st.none(), _string_values), min_size=3, max_size=3).map(
+    lambda vs: {k: v for k, v in zip(("name", "address", "total"), vs) if v is not None} or {"name": ""}),
+    min_size=1, max_size=4))
+def test_the_constraint_accepts_every_training_answer_as_it_was_trained(answers):
+    """Each answer, serialised as training writes it, is a text the learnt schema's grammar accepts (keys in the
+    schema's order, as the grammar writes them): xgrammar's own
+    grammar for a length-bounded string (mlc-ai/xgrammar#800) has no escapes, so any value with a quote, backslash,
+    line break or tab could not be written."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from qwenvl_tune.data.records import serialize_target
+    from qwenvl_tune.inference.structured import json_schema_grammar
+
+    grammar = json_schema_grammar(infer_schema(answers))
+    for a in answers:
+        assert _is_grammar_accept_string(grammar, serialize_target(a)), serialize_target(a)
+
+
+def test_bounded_strings_refuse_raw_control_characters_and_count_an_escape_once():
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from qwenvl_tune.inference.structured import json_schema_grammar
+
+    grammar = json_schema_grammar({"type": "object", "properties": {"t": {"type": "string", "maxLength": 8}},
+                                   "required": ["t"], "additionalProperties": False})
+    ok = ['"1234567\\n"', '"\\u00e9\\"\\\\\\/\\b\\f\\r\\t"', '""', '"Zürich5€"']
+    bad = ['"123456789"', '"a\x1fb"', '"a\x00"', '"a\tb"', '"a\\x"', '"\\u12"']
+    assert [_is_grammar_accept_string(grammar, '{"t": ' + t + '}') for t in ok] == [True] * len(ok)
+    assert [_is_grammar_accept_string(grammar, '{"t": ' + t + '}') for t in bad] == [False] * len(bad)
+
+
+def test_token_by_token_walks_under_the_constraint_end_in_schema_valid_json(tiny_dir):
+    """Random walks through the tiny tokenizer's vocabulary, each token drawn among those the constraint allows:
+    every walk that ends is JSON that parses (strict: no raw control characters) and meets the schema."""
+    import random
+
+    import jsonschema
+    import xgrammar as xgr
+    from transformers import AutoProcessor
+
+    from qwenvl_tune.inference.structured import JsonConstraint
+
+    proc = AutoProcessor.from_pretrained(tiny_dir)
+    tok = proc.tokenizer
+    schema = infer_schema([{"name": 'ACME "Best"', "address": "1 Main St\nSpringfield", "lines": [{"qty": 2}]}])
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    constraint = JsonConstraint(schema, proc, len(tok), [stop])
+    rng, ended = random.Random(0), 0
+    for _ in range(40):
+        matcher = xgr.GrammarMatcher(constraint.compiled)
+        mask = xgr.allocate_token_bitmask(1, len(tok))
+        ids = []
+        for _ in range(400):
+            matcher.fill_next_token_bitmask(mask)
+            allowed = [i for i in range(len(tok)) if (int(mask[0, i // 32]) >> (i % 32)) & 1]
+            token = stop if stop in allowed and rng.random() < 0.3 else rng.choice(allowed)
+            assert matcher.accept_token(token)
+            if token == stop:
+                break
+            ids.append(token)
+        if matcher.is_terminated():
+            ended += 1
+            value = json.loads(tok.decode(ids))
+            jsonschema.validate(value, schema)
+    assert ended >= 20
+
+
+def test_learnt_key_order_agrees_with_every_answer_that_holds_the_keys():
+    """An optional key first seen in a later answer goes where the answers put it, not last: the constraint writes
+    keys in the schema's order, so 'total' before 'date' would force an order no answer was trained on."""
+    from qwenvl_tune.data.schema import key_order
+
+    s = infer_schema([{"invoice": "A1", "total": "9"}, {"invoice": "B2", "date": "1 May", "total": "7"}])
+    assert list(s["properties"]) == ["invoice", "date", "total"]
+    # answers that disagree: the order most answers holding both keys use
+    assert key_order([{"b": 1, "a": 1}, {"a": 1, "b": 1}, {"a": 1, "c": 1, "b": 1}]) == ["a", "c", "b"]
+    assert key_order([{"a": 1, "b": 1}, {"b": 1, "c": 1}, {"c": 1, "a": 1}]) == ["a", "b", "c"]  # a cycle: first seen
+    # nested objects too
+    s = infer_schema([{"lines": [{"qty": 1}, {"sku": "x", "qty": 2}]}])
+    assert list(s["properties"]["lines"]["items"]["properties"]) == ["sku", "qty"]

@@ -1,6 +1,6 @@
 """A JSON Schema learnt from the training answers (saved in the run folder; decoding is constrained to it).
 
-``infer_schema`` derives it from the answers: keys in their usual order, nesting, value types, which
+``infer_schema`` derives it from the answers: keys in the order the answers write them, nesting, value types, which
 keys are always present (``required``), no other keys, and length bounds (strings and arrays at most
 twice the longest seen) so constrained generation always finishes.
 """
@@ -17,19 +17,63 @@ _TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(
           list: "array"}
 
 
+def key_order(objects: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys of ``objects`` in one order that agrees with how the answers write them (constrained decoding
+    writes the keys in the schema's order, so a first-seen order would make the model write, say, ``total`` before
+    an optional ``date`` that every answer with both puts first). Among keys free to go next, the one seen first.
+    Where answers disagree, a key comes before another when more answers holding both put it first, and in a cycle
+    of such majorities the key seen first goes next."""
+    sequences = Counter(tuple(obj) for obj in objects)  # answers share a few key sequences
+    first: dict[str, int] = {}
+    for keys in sequences:
+        for k in keys:
+            first.setdefault(k, len(first))
+    # every answer's order holds when the orders of neighbouring keys do: try those alone first (linear)
+    needs: dict[str, set[str]] = {k: set() for k in first}  # key -> keys that go before it
+    for keys in sequences:
+        for a, b in zip(keys, keys[1:]):
+            needs[b].add(a)
+    order = _topological(first, needs, strict=True)
+    if order is not None:
+        return order
+    before: Counter = Counter()  # (a, b): answers writing a before b
+    for keys, n in sequences.items():
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                before[a, b] += n
+    needs = {k: set() for k in first}
+    for (a, b), n in before.items():
+        if n > before[b, a]:
+            needs[b].add(a)
+    return _topological(first, needs, strict=False)
+
+
+def _topological(first: dict[str, int], needs: dict[str, set[str]], strict: bool) -> list[str] | None:
+    """Keys in an order meeting ``needs``, the first seen among those free to go next; at a cycle, None when
+    ``strict``, else the first seen of the rest goes next."""
+    order: list[str] = []
+    placed: set[str] = set()
+    left = sorted(first, key=first.__getitem__)
+    while left:
+        ready = next((k for k in left if needs[k] <= placed), None)
+        if ready is None:
+            if strict:
+                return None
+            ready = left[0]
+        order.append(ready)
+        placed.add(ready)
+        left.remove(ready)
+    return order
+
+
 def _merge(values: Sequence[Any]) -> dict[str, Any]:
     kinds = Counter(_TYPES[type(v)] for v in values)
     schemas = []
     for kind in kinds:
         same = [v for v in values if _TYPES[type(v)] == kind]
         if kind == "object":
-            order: list[str] = []
-            counts: Counter = Counter()
-            for obj in same:
-                for k in obj:
-                    if k not in counts:
-                        order.append(k)
-                    counts[k] += 1
+            order = key_order(same)
+            counts: Counter = Counter(k for obj in same for k in obj)
             props = {k: _merge([o[k] for o in same if k in o]) for k in order}
             schemas.append({"type": "object", "properties": props,
                             "required": [k for k in order if counts[k] == len(same)], "additionalProperties": False})
