@@ -482,6 +482,17 @@ def test_imagefolder_metadata_csv_is_read_with_quoted_multi_line_cells_and_bad_r
     assert got[0][:2] == ("Read it.", {"total": "7.50"}) and rep.records[0].answer_field == "truth"
 
 
+def test_metadata_csv_saved_by_a_spreadsheet_reads_the_same(tmp_path):
+    """Semicolon-separated, with a byte-order mark and CRLF line ends, as spreadsheets save CSV in many locales."""
+    folder = tmp_path / "d" / "train"
+    folder.mkdir(parents=True)
+    _pages()["b.png"].save(folder / "b.png")
+    text = '\ufefffile_name;ground_truth;note\r\nb.png;"{""total"": ""7,50""}";x\r\n'
+    (folder / "metadata.csv").write_bytes(text.encode("utf-8"))
+    rep, got = _loaded(tmp_path / "d")
+    assert got[0][1] == {"total": "7,50"} and rep.ignored == {"note": 1} and rep.records[0].line == 2
+
+
 @pytest.mark.parametrize("text,where", [
     ("", ":1: the CSV file is empty"),
     ("\n\n", ":1: the CSV file's first line is empty"),

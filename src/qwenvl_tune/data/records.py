@@ -588,12 +588,15 @@ def json_array_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
 
 def csv_rows(text: str, file: str) -> Iterator[tuple[int, Any]]:
     """The rows of a CSV file with a header (ImageFolder's ``metadata.csv``) as dicts, each with the line it starts
-    on (a quoted cell may span lines). A row with more or fewer cells than the header comes back as its SchemaError;
-    a header that is empty or names a column twice is a SplitError."""
+    on (a quoted cell may span lines). Comma-separated, or by semicolons or tabs when the header has no comma but
+    those (spreadsheets in many locales save so). A row with more or fewer cells than the header comes back as its
+    SchemaError; a header that is empty or names a column twice is a SplitError."""
     import csv
     import io
 
-    reader = csv.reader(io.StringIO(text))
+    head = text.split("\n", 1)[0]
+    delimiter = next((d for d in (";", "\t") if "," not in head and d in head), ",")
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
