@@ -140,18 +140,18 @@ def read_location(loc: SplitLocation, columns: Columns = Columns()) -> SplitRows
 
 # ---- ImageFolder metadata rows
 
-def _key(obj: dict[str, Any], wanted: str, usual: tuple[str, ...], what: str, option: str, file: str, line: int,
-         required: bool = True) -> str | None:
-    """The key of a metadata row that holds ``what``: the one named by ``option`` or the first usual name present."""
+def _column(names: list[str], wanted: str, usual: tuple[str, ...], what: str, option: str, fail: Any,
+            whose: str = "the", required: bool = True, guess: Any = None) -> str | None:
+    """The column holding ``what``: the one named by ``option``, else the first usual name present, else what
+    ``guess()`` finds; ``fail(message, field)`` makes the error when there is none (a table's or a row's)."""
     if wanted:
-        if wanted not in obj:
-            raise SchemaError(f"no column '{wanted}' ({option}); the row's columns are {', '.join(obj)}", file, line,
-                              wanted)
+        if wanted not in names:
+            raise fail(f"no column '{wanted}' ({option}); {whose} columns are {', '.join(names)}", wanted)
         return wanted
-    found = next((k for k in usual if k in obj), None)
+    found = next((k for k in usual if k in names), None) or (guess() if guess else None)
     if found is None and required:
-        raise SchemaError(f"no {what} column (looked for {', '.join(usual)}); name it with {option}; the row's columns "
-                          f"are {', '.join(obj)}", file, line, usual[0])
+        raise fail(f"no {what} column (looked for {', '.join(usual)}); name it with {option}; {whose} columns are "
+                   f"{', '.join(names)}", usual[0])
     return found
 
 
@@ -162,10 +162,17 @@ def metadata_row_parser(columns: Columns):
     means no prompt of its own."""
 
     def parse(obj: dict[str, Any], file: str, line: int) -> Row:
-        image_key = _key(obj, columns.image, METADATA_IMAGE_COLUMNS, "image", "data.image_column", file, line)
-        answer_key = _key(obj, columns.answer, METADATA_ANSWER_COLUMNS, "answer", "data.answer_column", file, line)
-        prompt_key = _key(obj, columns.prompt, PROMPT_COLUMNS, "prompt", "data.prompt_column", file, line,
-                          required=False)
+        names = list(obj)
+
+        def fail(message: str, field: str) -> SchemaError:
+            return SchemaError(message, file, line, field)
+
+        image_key = _column(names, columns.image, METADATA_IMAGE_COLUMNS, "image", "data.image_column", fail,
+                            "the row's")
+        answer_key = _column(names, columns.answer, METADATA_ANSWER_COLUMNS, "answer", "data.answer_column", fail,
+                             "the row's")
+        prompt_key = _column(names, columns.prompt, PROMPT_COLUMNS, "prompt", "data.prompt_column", fail, "the row's",
+                             required=False)
         files = obj[image_key]
         if isinstance(files, list):
             if not files:
@@ -240,22 +247,14 @@ def _is_image_type(t: Any) -> bool:
 
 def _choose(table: Any, wanted: str, usual: tuple[str, ...], what: str, option: str, file: Path,
             required: bool = True) -> str | None:
+    """A table's column holding ``what`` (``_column``); an image column may also be found by its type."""
     names = table.column_names
-    if wanted:
-        if wanted not in names:
-            raise SplitError(f"no column '{wanted}' ({option}); the columns are {', '.join(names)}", file)
-        return wanted
-    for name in usual:
-        if name in names:
-            return name
-    if what == "image":
-        for name in names:
-            if _is_image_type(table.schema.field(name).type):
-                return name
-    if required:
-        raise SplitError(f"no {what} column (looked for {', '.join(usual)}); name it with {option}; the columns are "
-                         f"{', '.join(names)}", file)
-    return None
+
+    def by_type() -> str | None:
+        return next((n for n in names if _is_image_type(table.schema.field(n).type)), None) if what == "image" else None
+
+    return _column(names, wanted, usual, what, option, lambda message, _field: SplitError(message, file),
+                   required=required, guess=by_type)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class HostSlabs:
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised host tensor of ``shape`` and ``dtype`` in a slab, or None when the budget is spent."""
-        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape.numel() * dtype.itemsize
         start = -(-self._offset // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
             size = self._new_slab_size(nbytes)
