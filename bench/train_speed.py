@@ -130,6 +130,31 @@ def make_samples(n: int, seed: int, max_pixels: int, tiny: bool, pages: int = 1)
     return out
 
 
+def data_samples(data: str, ckpt: str, n: int, max_pixels: int) -> list[Sample]:
+    """The first ``n`` training documents of a data folder, encoded by the product's encoder with the
+    checkpoint's processor (as ``qwenvl-tune train`` encodes them), so the guide's rows and the real command
+    (bench/train_command.py) train on the same token sequences. Sets the benchmark's token ids to the
+    checkpoint's."""
+    from qwenvl_tune.data.check import check_split
+    from qwenvl_tune.data.collate import Encoder, RecordDataset
+    from qwenvl_tune.data.positions import image_token_id
+    from qwenvl_tune.modeling.load import load_processor
+
+    global IMAGE, PAD
+    processor = load_processor(ckpt, 256 * 28 * 28, max_pixels)
+    report = check_split(data, "train", processor=processor)
+    encoder = Encoder(processor)
+    IMAGE, PAD = image_token_id(processor), encoder.pad_id
+    dataset = RecordDataset(report.records[:n], encoder, "train")
+    out = []
+    for i in range(len(dataset)):
+        it = dataset[i]
+        ids = it["input_ids"]
+        out.append(Sample(ids, it["labels"], it["pixel_values"], it["image_grid_thw"], int((ids == IMAGE).sum()),
+                          int((it["labels"] != -100).sum())))
+    return out
+
+
 def batches(samples: list[Sample], batch_size: int, sort: bool, cfg=None, pad_to: int = 1):
     """Collated batches, as the trainer's loader makes them; with ``cfg``, with the vision tower's index tensors."""
     from qwenvl_tune.data.positions import VisionIndex
@@ -825,6 +850,8 @@ def run_isolated(v: dict, args, ckpt: str, out: Path) -> dict:
     sub.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--samples", str(args.samples), "--variants", v["name"], "--ckpt", ckpt, "--no-numerics", "--out", str(sub)]
+    if args.data:
+        cmd += ["--data", args.data]
     if v.get("profile"):
         cmd += ["--profile", v["name"]]
     t0 = time.perf_counter()
@@ -864,6 +891,9 @@ def main() -> int:
                     help="run each variant (and round) in a process of its own, as `qwenvl-tune train` runs one "
                          "recipe per process: no compiled graphs, allocator state, Python heap or Liger patches "
                          "carried over from the variants before it; the checkpoint and samples are the same")
+    ap.add_argument("--data", default="", help="train on this data folder's documents (its train split, encoded "
+                                               "as `qwenvl-tune train` encodes them) instead of drawn samples; "
+                                               "needs --ckpt with a processor saved beside the model")
     ap.add_argument("--ckpt", default="", help="where the random-init checkpoint is, or is to be saved (a folder "
                                                "holding one already skips building it)")
     args = ap.parse_args()
@@ -871,7 +901,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     tiny = args.size == "tiny"
     cfg = model_config(args.size)
-    samples = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny)
+    if args.data:  # a data folder's documents, with the token ids of the checkpoint that reads them
+        from transformers import AutoConfig
+
+        if not (Path(args.ckpt) / "config.json").is_file():
+            ap.error("--data needs --ckpt: a saved checkpoint with its processor (bench/train_command.py builds one)")
+        cfg = AutoConfig.from_pretrained(args.ckpt)
+        samples = data_samples(args.data, args.ckpt, args.samples, 1280 * 28 * 28 if not tiny else 64 * 28 * 28)
+    else:
+        samples = make_samples(args.samples, 0, 1280 * 28 * 28 if not tiny else 64 * 28 * 28, tiny)
     info = env_info()
     info.update(size=args.size, mean_seq=sum(len(s.input_ids) for s in samples) / len(samples),
                 mean_image_tokens=sum(s.image_tokens for s in samples) / len(samples),

@@ -279,6 +279,19 @@ def test_an_unrecognised_mlp_layout_is_reported_not_silently_skipped(tiny_dir, c
     assert any(line.startswith("warning: 0 vision MLPs padded") for line in lines), lines
 
 
+def test_an_already_aligned_tower_gets_no_warning(tiny_dir):
+    """A Qwen2.5-VL whose vision MLP width is already a multiple of 8 (a small or custom config) has nothing to pad:
+    the log says so instead of warning of an unrecognised layout (as it did for bench/ddp_speed.py's tiny model)."""
+    from qwenvl_tune.modeling.load import load_base_model as load
+
+    cfg = build_config(None, {"model.name_or_path": str(tiny_dir), "model.dtype": "float32"})
+    model = load(cfg.model)
+    fast = FastPath.resolve(cfg.model, model.config, cuda=False)
+    assert fast.apply(model) and falign.align_vision_mlp(model) == 0  # the first apply padded 60 -> 64
+    lines = fast.apply(model)
+    assert "vision MLP: already aligned" in lines and not any(line.startswith("warning") for line in lines), lines
+
+
 def test_flash_sdpa_switch_is_restored(monkeypatch):
     from qwenvl_tune.modeling.attention import flash_sdpa
 

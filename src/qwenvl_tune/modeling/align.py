@@ -41,6 +41,22 @@ def _pad_rows(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _vision_mlps(model: torch.nn.Module):
+    """(module, input projections, output projection, hidden width) of each vision-tower MLP made of plain
+    ``nn.Linear`` layers."""
+    tower = vision_tower(model)
+    for mlp in tower.modules() if tower is not None else ():
+        ins = [(n, getattr(mlp, n)) for n in _MLP_IN if type(getattr(mlp, n, None)) is torch.nn.Linear]
+        outs = [(n, getattr(mlp, n)) for n in _MLP_OUT if type(getattr(mlp, n, None)) is torch.nn.Linear]
+        if ins and len(outs) == 1:
+            yield mlp, ins, outs, outs[0][1].in_features
+
+
+def vision_mlp_widths(model: torch.nn.Module) -> list[int]:
+    """The hidden widths of the vision MLPs ``align_vision_mlp`` recognises (padded ones as padded)."""
+    return [width for _, _, _, width in _vision_mlps(model)]
+
+
 def align_vision_mlp(model: torch.nn.Module, multiple: int = ALIGN) -> int:
     """Zero-pad each vision-tower MLP whose hidden width is not a multiple of ``multiple``.
 
@@ -55,16 +71,8 @@ def align_vision_mlp(model: torch.nn.Module, multiple: int = ALIGN) -> int:
     Returns:
         The number of MLPs padded (0 when every width is already aligned: Qwen2-VL, Qwen3-VL).
     """
-    tower = vision_tower(model)
-    if tower is None:
-        return 0
     padded = 0
-    for mlp in tower.modules():
-        ins = [(n, getattr(mlp, n)) for n in _MLP_IN if type(getattr(mlp, n, None)) is torch.nn.Linear]
-        outs = [(n, getattr(mlp, n)) for n in _MLP_OUT if type(getattr(mlp, n, None)) is torch.nn.Linear]
-        if not ins or len(outs) != 1:
-            continue
-        width = outs[0][1].in_features
+    for mlp, ins, outs, width in _vision_mlps(model):
         act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None)
         if (width % multiple == 0 or any(lin.out_features != width for _, lin in ins)
                 or act is None or not _zero_at_zero(act)):

@@ -133,7 +133,7 @@ class FastPath:
     def apply(self, model: torch.nn.Module) -> list[str]:
         """The model-side tricks, on a loaded model before adapters are attached. Returns what was done,
         including a line for a trick that should have applied and found nothing to act on."""
-        from .align import align_vision_mlp
+        from .align import ALIGN, align_vision_mlp, vision_mlp_widths
         from .attention import enable_fast_vision_attention
         from .attention import swap_frozen_vision_attention
         from .kernels import apply_kernels, use_fused_rms_norm
@@ -165,7 +165,8 @@ class FastPath:
         if self.align_vision_mlp:
             n = align_vision_mlp(model)
             family = getattr(getattr(model, "config", None), "model_type", None)
-            if n == 0 and family in ALIGNED_FAMILIES_TO_PAD:
+            widths = vision_mlp_widths(model)  # none recognised, or some left unaligned: a layout we do not know
+            if n == 0 and family in ALIGNED_FAMILIES_TO_PAD and (not widths or any(w % ALIGN for w in widths)):
                 done.append(f"warning: 0 vision MLPs padded in a {family} model: this transformers' MLP layout "
                             f"was not recognised, so its products run on slower kernels (about 8% of training speed)")
             else:
