@@ -108,3 +108,59 @@ def test_render_splits_at_generation_prompt(tiny_dir):
     assert t.target == "ANSWER<|im_end|>"
     assert t.tail == "\n"
     assert "system" in t.prompt  # no system message: the template's default one is used
+
+
+# Page sizes for the pixel-free path: a scan, a tall receipt, a wide table, one under min_pixels, one over max_pixels,
+# and sides that are not multiples of the patch (the resize rule's rounding).
+PAGE_SIZES = [(1700, 2200), (333, 4000), (3000, 700), (20, 30), (9000, 9000), (281, 365)]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_pixel_free_encoding_equals_the_processor_s_less_the_pixels(tiny_family, family):
+    """A kept document's batch is made without its pixels (training/features.py): ids, grids, token types, labels
+    and rope positions must be exactly what the processor's full path gives, for one- and two-page documents."""
+    from qwenvl_tune.modeling.load import load_processor
+
+    enc = Encoder(load_processor(tiny_family(family), 256 * 28 * 28, 1280 * 28 * 28))
+    docs = [[Image.new("RGB", s, "white")] for s in PAGE_SIZES] + [[Image.new("RGB", PAGE_SIZES[0]),
+                                                                   Image.new("RGB", PAGE_SIZES[1])]]
+    for pages in docs:
+        full = enc.encode_train(pages, "extract data in JSON format", ANSWER)
+        light = enc.encode_train(pages, "extract data in JSON format", ANSWER, pixels=False)
+        assert "pixel_values" in full and "pixel_values" not in light
+        assert set(light) == set(full) - {"pixel_values"}, [p.size for p in pages]
+        for key in light:
+            assert torch.equal(light[key], full[key]), (key, [p.size for p in pages])
+
+
+def test_pixel_free_encoding_with_the_real_vocabulary(real_vocab_processor):
+    enc = Encoder(real_vocab_processor)
+    for size in PAGE_SIZES:
+        page = Image.new("RGB", size, (200, 10, 10))
+        full = enc.encode_train(page, "extract data in JSON format", ANSWER)
+        light = enc.encode_train(page, "extract data in JSON format", ANSWER, pixels=False)
+        assert set(light) == set(full) - {"pixel_values"}
+        assert all(torch.equal(light[k], full[k]) for k in light), size
+
+
+def test_a_batch_of_kept_rows_is_fetched_without_pixels_and_any_other_with(tiny_dir):
+    from torch.utils.data import DataLoader
+
+    from qwenvl_tune.data.check import check_split
+    from qwenvl_tune.data.collate import RecordDataset, TrainCollator
+    from qwenvl_tune.data.synthetic import write_dataset
+    from qwenvl_tune.modeling.load import load_processor
+    import tempfile
+
+    data = write_dataset(Path(tempfile.mkdtemp()) / "D", n_train=4, n_valid=0, seed=3, size=(280, 364))
+    enc = Encoder(load_processor(tiny_dir, 16 * 28 * 28, 64 * 28 * 28))
+    rows = RecordDataset(check_split(data, "train").records, enc, "train")
+    assert rows.kept is not None and not rows.kept.any()
+    rows.kept[[0, 1, 2]] = True  # as the feature cache sets them
+    loader = DataLoader(rows, batch_sampler=[[0, 1], [2, 3], [1, 0]], collate_fn=TrainCollator(enc.pad_id),
+                        num_workers=1)  # another process: the flags are shared memory
+    a, b, c = list(loader)
+    assert "pixel_values" not in a and "pixel_values" in b and "pixel_values" not in c  # row 3 is not kept
+    full = TrainCollator(enc.pad_id)([rows[0], rows[1]])
+    assert a.keys() == full.keys() - {"pixel_values"}
+    assert all(torch.equal(a[k], full[k]) for k in a if torch.is_tensor(a[k]))

@@ -156,10 +156,21 @@ def test_training_with_the_cache_ends_with_the_weights_of_training_without(two_p
     off = api.train(build_config(None, tiny_overrides(two_page_data, tiny_dir, tmp_path, **{
         **kw, "run.name": "off", "train.image_cache_gib": 0})))
     assert "image feature cache: up to " in said and "4 documents" in said and "took kept features" in said
+    # epochs 2 and 3 take kept features for all 4 documents, and the loader made those batches without pixels
+    assert "8 document-steps took kept features (8 of them loaded without preparing pixels), 4 ran the tower" in said
     assert "image feature cache: off (train.image_cache_gib=0)" in capsys.readouterr().out
     a = load_file(on / "last" / "adapter_model.safetensors")
     b = load_file(off / "last" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # with loader worker processes: they read the kept flags from shared memory (batches they made ahead of a
+    # flag still carry pixels, which the step ignores)
+    workers = api.train(build_config(None, tiny_overrides(two_page_data, tiny_dir, tmp_path, **{
+        **kw, "run.name": "workers", "data.num_workers": 2})))
+    said = capsys.readouterr().out
+    pixel_free = int(said.split(" of them loaded without preparing pixels")[0].rsplit("(", 1)[1])
+    assert 0 < pixel_free <= 8, said
+    c = load_file(workers / "last" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_the_default_budget_is_capped_at_a_quarter_of_the_machine_s_memory(tiny_dir, tmp_path, monkeypatch, capsys):

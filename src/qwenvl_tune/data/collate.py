@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .positions import VisionIndex, image_token_id, mrope_positions
+from .positions import VisionIndex, image_token_id, mrope_positions, page_grid
 from .conversation import render
 from .documents import PageLimits, load_pages
 from .records import DataError, Record
@@ -60,6 +60,32 @@ class Encoder:
             out["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
         return out
 
+    def _prompt_without_pixels(self, pages: list[Image.Image], prompt_text: str) -> dict[str, torch.Tensor]:
+        """What ``_prompt`` returns, less ``pixel_values``, without preparing any pixels: each page's patch grid
+        from its size (the image processor's own resize rule), its image tokens expanded in the text as the
+        processor expands them, the text tokenised as the processor tokenises it. For a document whose image
+        features are kept (training/features.py): its pixels would be prepared only to be thrown away, and that
+        is most of a page's CPU time in the loader (tests/data/test_collate.py checks equality with ``_prompt``)."""
+        grids = torch.tensor([page_grid(self.processor.image_processor, p.height, p.width) for p in pages])
+        token = self.processor.image_token
+        parts = prompt_text.split(token)
+        if len(parts) != len(pages) + 1:
+            raise ValueError(f"the prompt holds {len(parts) - 1} image tokens for {len(pages)} page(s)")
+        merge = self.processor.image_processor.merge_size ** 2
+        text = parts[0] + "".join(token * (int(g.prod()) // merge) + rest for g, rest in zip(grids, parts[1:]))
+        ids = torch.tensor(self.processor.tokenizer([text])["input_ids"][0], dtype=torch.long)
+        out = {"input_ids": ids, "image_grid_thw": grids}
+        if self._returns_token_types:
+            out["mm_token_type_ids"] = (ids == self._image_token).long()
+        return out
+
+    @cached_property
+    def _returns_token_types(self) -> bool:
+        """Whether this processor returns ``mm_token_type_ids`` (transformers 5's Qwen-VL processors do)."""
+        probe = self.processor(text=[self.processor.image_token], images=[Image.new("RGB", (56, 56))],
+                               return_tensors="pt")
+        return "mm_token_type_ids" in probe
+
     @cached_property
     def _image_token(self) -> int:
         return image_token_id(self.processor)
@@ -69,10 +95,11 @@ class Encoder:
         return torch.tensor(ids, dtype=torch.long)
 
     def encode_train(self, pages: Pages, prefix: str, answer: str, where: Record | None = None,
-                     system: str | None = None) -> dict[str, Any]:
+                     system: str | None = None, pixels: bool = True) -> dict[str, Any]:
+        """Model inputs and labels; ``pixels=False`` leaves out ``pixel_values`` and does not prepare them."""
         pages = as_pages(pages)
         turns = render(self.processor, prefix, system or self.system_message, answer, len(pages))
-        enc = self._prompt(pages, turns.prompt)
+        enc = self._prompt(pages, turns.prompt) if pixels else self._prompt_without_pixels(pages, turns.prompt)
         target, tail = self._text_ids(turns.target), self._text_ids(turns.tail)
         prompt_ids = enc.pop("input_ids")
         input_ids = torch.cat([prompt_ids, target, tail])
@@ -125,9 +152,13 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, left: bool, vision: Vi
     batch: dict[str, Any] = {
         "input_ids": _pad([it["input_ids"] for it in items], pad_id, left, m),
         "attention_mask": _pad([torch.ones_like(it["input_ids"]) for it in items], 0, left, m),
-        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
         "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
     }
+    with_pixels = sum("pixel_values" in it for it in items)
+    if with_pixels == len(items):
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+    elif with_pixels:  # RecordDataset leaves pixels out for a whole batch or for none of it
+        raise ValueError(f"{with_pixels} of {len(items)} samples of a batch have pixel_values")
     if "labels" in items[0]:
         batch["labels"] = _pad([it["labels"] for it in items], IGNORE_INDEX, left, m)
         batch["answer_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
@@ -178,15 +209,27 @@ class RecordDataset(Dataset):
         if mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
         self.records, self.encoder, self.mode, self.limits = list(records), encoder, mode, limits
+        # Training rows whose image features the step keeps (training/features.py sets them; shared memory, so the
+        # loader's worker processes see them): a batch of only such rows is made without pixels.
+        self.kept = torch.zeros(len(self.records), dtype=torch.bool).share_memory_() if mode == "train" else None
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch's samples (the DataLoader fetches a batch through this): without pixels when every one of its
+        documents has its image features kept, else all with them."""
+        pixels = self.kept is None or not bool(self.kept[list(indices)].all())
+        return [self._item(i, pixels) for i in indices]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._item(i, pixels=True)
+
+    def _item(self, i: int, pixels: bool) -> dict[str, Any]:
         r = self.records[i]
         pages = load_pages(r.sources, self.limits, where=r.where)
         if self.mode == "train":
-            item = self.encoder.encode_train(pages, r.prefix, r.target_text, where=r, system=r.system)
+            item = self.encoder.encode_train(pages, r.prefix, r.target_text, where=r, system=r.system, pixels=pixels)
         else:
             item = self.encoder.encode_prompt(pages, r.prefix, system=r.system)
         item["ids"] = r.id

@@ -29,6 +29,21 @@ def image_token_id(processor: Any) -> int:
     return int(token_id)
 
 
+def page_grid(image_processor: Any, height: int, width: int) -> list[int]:
+    """A still page's patch grid [1, rows, columns] as a Qwen-VL image processor makes it, from the page's size
+    alone: its resize rule (``smart_resize``: both sides multiples of patch x merge, the area within the
+    processor's pixel bounds), the same arithmetic as the processor's ``get_number_of_image_patches``."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    ip, size = image_processor, getattr(image_processor, "size", None) or {}
+    patch, merge = ip.patch_size, ip.merge_size
+    if getattr(ip, "do_resize", True):
+        lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
+        hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
+        height, width = smart_resize(height, width, patch * merge, min_pixels=lo, max_pixels=hi)
+    return [1, height // patch, width // patch]
+
+
 def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token: int,
                     merge_size: int) -> torch.Tensor:
     """(3, len) position ids of one unpadded sample holding still images (no video)."""

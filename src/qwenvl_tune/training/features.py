@@ -7,7 +7,9 @@ of its kernel launches. So the first time a document is trained on, the tower's 
 host memory (without waiting for the GPU); a later batch whose documents are all kept skips the tower, and the
 language model takes the kept features where the image tokens are, as the model itself places them.
 
-Keys are the training split's row indices. Budget: ``train.image_cache_gib`` of host memory (0: off); once it
+The loader learns which rows are kept (``RecordDataset.kept``, shared with its worker processes, set here as a
+document is kept) and makes a batch of only kept rows without decoding its pixels into patches, most of a
+page's CPU time in the loader. Keys are the training split's row indices. Budget: ``train.image_cache_gib`` of host memory (0: off); once it
 is full, later documents are not kept and the run says so once. A batch with any document not kept runs the
 tower for the whole batch, as without the cache. Not used where the features would not be the same each epoch
 or where the model builds more from the tower than these features: a trained tower (``model.train_vision`` or
@@ -111,6 +113,9 @@ class ImageFeatureCache:
         self.host: HostSlabs | None = None  # made at the first document kept, page-locked when features are on a GPU
         self.full = False
         self.hits = self.misses = 0
+        self.without_pixels = 0  # document-steps whose batch came from the loader without pixels
+        # the training dataset's flags (RecordDataset.kept): a row set there is made without pixels by the loader
+        self.flags: torch.Tensor | None = None
 
     # ---- the step's side
     def inputs(self, model: torch.nn.Module, inputs: dict[str, Any],
@@ -119,8 +124,15 @@ class ImageFeatureCache:
         is kept: the kept features in place of the pixels, and nothing to record. Otherwise the inputs as given,
         and a context that records the tower's output and keeps it per document once the forward pass is done."""
         rows = batch.get("index")
-        if rows is None or "pixel_values" not in inputs:
+        pixels = "pixel_values" in inputs
+        if rows is None or not (pixels or "image_grid_thw" in inputs):
             return inputs, contextlib.nullcontext()
+        if not pixels:  # the loader left them out: it saw every document of the batch flagged as kept
+            missing = [r for r in rows if r not in self.kept]
+            if missing:
+                raise RuntimeError(f"training rows {missing} came without pixels but their image features are not "
+                                   f"kept (the loader's flags and the cache disagree)")
+            self.without_pixels += len(rows)
         if all(r in self.kept for r in rows):
             self.hits += len(rows)
             # each kept copy goes to the device on its own and is joined there: the host never reads a pinned
@@ -185,6 +197,8 @@ class ImageFeatureCache:
                 return
             host.copy_(part, non_blocking=part.is_cuda)  # from a GPU: page-locked memory, without waiting for it
             self.kept[row] = host
+            if self.flags is not None:
+                self.flags[row] = True  # the loader's next batches of kept rows need no pixels
 
     @property
     def bytes(self) -> int:
@@ -198,4 +212,5 @@ class ImageFeatureCache:
 
     def describe(self) -> str:
         return (f"image feature cache: {len(self.kept)} documents, {_size(self.used)} in {_size(self.bytes)} of host memory; "
-                f"{self.hits} document-steps took kept features, {self.misses} ran the tower")
+                f"{self.hits} document-steps took kept features ({self.without_pixels} of them loaded without "
+                f"preparing pixels), {self.misses} ran the tower")

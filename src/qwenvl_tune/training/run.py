@@ -167,6 +167,8 @@ def _setup_loop(fabric: Any, config: Config, run: RunDir, processor: Any, train_
     if config.train.batch_size == "auto":
         _auto_batch_size(fabric, module, optimizer, config, processor, data[0], fast)
         train_loader, val_loader = setup_loaders(config, processor, *data, fast)
+    if step.features is not None and train_loader is not None:
+        step.features.flags = train_loader.dataset.kept  # kept rows' batches come from the loader without pixels
     loop = Loop(fabric, module, optimizer, None, train_loader, val_loader, run, processor, config, Progress(),
                 StopRequest(announce=fabric.is_global_zero), None)
     loop.scheduler = build_scheduler(optimizer, config, loop.total_steps())
