@@ -43,9 +43,9 @@ HERE = Path(__file__).resolve().parent
 # recipe name -> (description, the settings it gives `train` beyond the defaults)
 RECIPES = {
     "defaults": ("`qwenvl-tune train` with its defaults (lora, batch 2, 4 micro-batches a step, 10 epochs)", []),
-    # the loader A/B: every document is decoded and its pixels prepared in the loader's workers each epoch (2 by
-    # default), also in later epochs when the tower's output is kept; does the GPU wait for them?
-    "workers8": ("`qwenvl-tune train --data.num_workers 8`, its other defaults", ["--data.num_workers", "8"]),
+    # the loader A/B: 2 workers (the default before data.num_workers=auto, which takes 8 on a 16-CPU machine); a page's
+    # pixels take ~110-136 ms of a worker's CPU in the first epoch
+    "workers2": ("`qwenvl-tune train --data.num_workers 2`, its other defaults", ["--data.num_workers", "2"]),
     "qlora": ("`qwenvl-tune train --method qlora`, its other defaults", ["--method", "qlora"]),
     "all_linear": ("`qwenvl-tune train` with LoRA on every linear layer of the language model",
                    ["--lora.target_modules", "all-linear"]),

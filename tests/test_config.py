@@ -164,3 +164,25 @@ def test_the_console_shows_what_differs_from_the_defaults():
     c = build_config(None, {"model.method": "full", "lora.r": 8, "train.max_epochs": 3})
     changed = c.changed()
     assert changed == {"model.method": "full", "train.max_epochs": 3}  # lr follows the method; r is the default
+
+
+def test_loader_workers_auto_shares_the_machine_s_cpus_among_its_training_processes(monkeypatch):
+    import os
+
+    from qwenvl_tune.config import ConfigError
+    from qwenvl_tune.training.setup import loader_workers
+
+    def workers(cpus, **overrides):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        return loader_workers(build_config(None, overrides))
+
+    assert build_config(None, {}).data.num_workers == "auto"
+    n, said = workers(16)
+    assert n == 8 and "data.num_workers=auto: 8 loader worker(s)" in said and "16 CPUs, 1 training" in said
+    assert workers(16, **{"train.devices": 4})[0] == 3  # 16 CPUs over 4 processes, one left to each
+    assert workers(128, **{"train.devices": 8})[0] == 8  # at most 8
+    assert workers(2)[0] == 1 and workers(1)[0] == 1  # always one worker, off the training process
+    assert workers(16, **{"data.num_workers": 0}) == (0, "")  # a number is taken as it is, and not announced
+    assert workers(16, **{"data.num_workers": 3}) == (3, "")
+    with pytest.raises(ConfigError, match="data.num_workers must be >= 0 or auto"):
+        build_config(None, {"data.num_workers": -1}).validate()

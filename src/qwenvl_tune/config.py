@@ -57,7 +57,7 @@ class DataConfig:
     prompt_column: str = _f("", "Parquet/datasets input: the prompt column; empty: prefix, prompt, question, ... or data.prompt when there is none.")
     skip_invalid: bool = _f(False, "Skip rows that fail the data check (each one is reported and recorded) instead of stopping.")
     valid_fraction: float = _f(0.0, "With no valid split in data.path: hold out this share of the training documents (at least one) to validate on, drawn with train.seed and listed in the run folder, so evaluate and resumes use the same ones. 0: a valid split is required.")
-    num_workers: int = _f(2, "DataLoader worker processes for image decoding and tokenisation.")
+    num_workers: int | Literal["auto"] = _f("auto", "DataLoader worker processes (per training process) for image decoding and tokenisation. auto: this machine's CPUs shared among its training processes, one left to each process itself, at most 8 (stated in the log).")
 
 
 @dataclass
@@ -185,6 +185,8 @@ class Config:
             raise ConfigError(f"generate.review_below is a confidence in [0, 1], got {self.generate.review_below}")
         if not 0.0 <= d.valid_fraction < 1.0:
             raise ConfigError(f"data.valid_fraction is a share of the training documents in [0, 1), got {d.valid_fraction}")
+        if d.num_workers != "auto" and d.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 or auto, got {d.num_workers}")
         if d.max_pages < 1:
             raise ConfigError(f"data.max_pages must be >= 1, got {d.max_pages}")
         if t.image_cache_gib < 0:

@@ -29,8 +29,8 @@ from ..rundir import CONFIG_FILE, RunDir, checkpoint_meta, copy_checkpoint, is_c
 from .console import Console
 from .distributed import build_strategy, fabric_is_fsdp
 from .loop import Loop, Stopped, fit, publish
-from .setup import (check_output_dir, find_resume, resumed_config, run_folder, run_name, setup_data,
-                    setup_loaders)
+from .setup import (check_output_dir, find_resume, loader_workers, resumed_config, run_folder, run_name,
+                    setup_data, setup_loaders)
 from .signals import StopRequest
 from .state import Progress, load_state, restore_rng
 from .step import TrainStep, build_scheduler
@@ -83,6 +83,9 @@ def _train_in(run: RunDir, fabric: Any, config: Config, ckpt: Path | None, exist
                                 cuda=fabric.device.type == "cuda")
         if main:
             print(fast.describe())
+            said = loader_workers(config)[1]
+            if said:
+                print(said)
         auto = config.train.batch_size == "auto"
         loaders = (None, None) if auto else setup_loaders(config, processor, train_rep, valid_rep, fast)
         loop = _setup_loop(fabric, config, run, processor, *loaders, ckpt, log_version, fast, (train_rep, valid_rep))

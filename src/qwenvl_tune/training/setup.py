@@ -150,6 +150,31 @@ def naming_run_folder(data_path: str | Path) -> Iterator[None]:
         raise SplitError(e.reason + hint, e.file, e.line, e.field) from None
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(config: Config) -> tuple[int, str]:
+    """``data.num_workers`` as a number, and how ``auto`` chose it ("" when it was set).
+
+    Every page is decoded and (in the first epoch, or without the image feature cache) resized and cut into
+    patches in the loader's workers: ~110-136 ms of CPU for a 1700x2200 page (docs/performance.md), against an
+    H200 training 12-20 documents a second. So auto takes the CPUs this process may run on, shares them among the
+    training processes of this machine, leaves one to each process's own work, and stops at 8."""
+    import os
+
+    d, t = config.data, config.train
+    if d.num_workers != "auto":
+        return int(d.num_workers), ""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local = max(1, int(t.devices))
+    n = max(1, min(MAX_AUTO_WORKERS, cpus // local - 1))
+    return n, (f"data.num_workers=auto: {n} loader worker(s) per training process ({cpus} CPUs, {local} training "
+               f"process(es) on this machine)")
+
+
 def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = True,
                trained_on: str | None = None) -> tuple[SplitReport, SplitReport]:
     """The train and valid splits checked (problems and summary written to the run folder, counts printed).
@@ -160,7 +185,8 @@ def setup_data(config: Config, processor: Any, run_dir: RunDir, write: bool = Tr
     """
     d = config.data
     kw = dict(processor=processor, system_message=d.system_message, max_length=d.max_length,
-              limits=PageLimits.from_config(d), columns=Columns.from_config(d), workers=max(1, d.num_workers))
+              limits=PageLimits.from_config(d), columns=Columns.from_config(d),
+              workers=max(1, loader_workers(config)[0]))
     with naming_run_folder(d.path):
         train = check_split(d.path, "train", **kw)
     held, said = None, ""
@@ -249,11 +275,12 @@ def longest_batches(config: Config, processor: Any, train: SplitReport, fast: Fa
 def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: SplitReport, fast: FastPath | None = None):
     d, t = config.data, config.train
     enc, vision = _encoder_and_vision(config, processor, fast)
-    common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+    workers = loader_workers(config)[0]
+    common = dict(num_workers=workers, persistent_workers=workers > 0)
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", PageLimits.from_config(d)), sampler,
-                                   TrainCollator(enc.pad_id, vision), num_workers=d.num_workers,
+                                   TrainCollator(enc.pad_id, vision), num_workers=workers,
                                    pin_memory=torch.cuda.is_available() and t.accelerator != "cpu")
     val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", PageLimits.from_config(d))),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
