@@ -60,16 +60,30 @@ def _versions(env: dict[str, Any]) -> str:
     return ", ".join(f"{k} {env[k]}" for k in keys if env.get(k) and env[k] != "not installed")
 
 
+def _epochs(r: dict[str, Any]) -> str:
+    """A whole run's first epoch and the median of its later ones (bench/train_command.py rows), in samples/s."""
+    eps = [x for x in r.get("epoch_samples_per_s") or [] if x]
+    if not eps:
+        return ""
+    later = sorted(eps[1:])
+    return f"{eps[0]:.2f} / {later[len(later) // 2]:.2f}" if later else f"{eps[0]:.2f}"
+
+
 def training_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r.get("name") == BASELINE and "samples_per_s" in r), None)
-    lines = ["| variant | step | batch | samples/s | peak GiB | x guide as written |", "|---|---|---|---|---|---|"]
+    runs = any(r.get("epoch_samples_per_s") for r in rows)  # whole runs of the real command: their epochs too
+    extra = (" first / later epochs |", "---|") if runs else ("", "")
+    lines = ["| variant | step | batch | samples/s | peak GiB | x guide as written |" + extra[0],
+             "|---|---|---|---|---|---|" + extra[1]]
     for r in rows:
         if "samples_per_s" not in r:
-            lines.append(f"| {r.get('desc', r.get('name'))} | | | error: {str(r.get('error', ''))[:60]} | | |")
+            lines.append(f"| {r.get('desc', r.get('name'))} | | | error: {str(r.get('error', ''))[:60]} | | |"
+                         + (" |" if runs else ""))
             continue
         ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
         lines.append(f"| {r.get('desc', r.get('name'))} | {r.get('step', '')} | {r.get('batch', '')} | "
-                     f"{_fmt(r['samples_per_s'])} | {_fmt(r.get('peak_gib'), 1)} | {_fmt(ratio)} |")
+                     f"{_fmt(r['samples_per_s'])} | {_fmt(r.get('peak_gib'), 1)} | {_fmt(ratio)} |"
+                     + (f" {_epochs(r)} |" if runs else ""))
     return "\n".join(lines)
 
 

@@ -43,9 +43,10 @@ HERE = Path(__file__).resolve().parent
 # recipe name -> (description, the settings it gives `train` beyond the defaults)
 RECIPES = {
     "defaults": ("`qwenvl-tune train` with its defaults (lora, batch 2, 4 micro-batches a step, 10 epochs)", []),
-    # the loader A/B: 2 workers (the default before data.num_workers=auto, which takes 8 on a 16-CPU machine); a page's
-    # pixels take ~110-136 ms of a worker's CPU in the first epoch
-    "workers2": ("`qwenvl-tune train --data.num_workers 2`, its other defaults", ["--data.num_workers", "2"]),
+    # the loader A/B: data.num_workers=auto (8 on a 16-CPU machine) against the default 2 workers; a page's pixels take
+    # ~110-136 ms of a worker's CPU in the first epoch on a slow CPU (row command_workers2 of 2026-12-03 was this A/B
+    # the other way round, when auto was briefly the default)
+    "workers_auto": ("`qwenvl-tune train --data.num_workers auto`, its other defaults", ["--data.num_workers", "auto"]),
     "qlora": ("`qwenvl-tune train --method qlora`, its other defaults", ["--method", "qlora"]),
     "all_linear": ("`qwenvl-tune train` with LoRA on every linear layer of the language model",
                    ["--lora.target_modules", "all-linear"]),

@@ -57,7 +57,7 @@ class DataConfig:
     prompt_column: str = _f("", "Parquet/datasets input: the prompt column; empty: prefix, prompt, question, ... or data.prompt when there is none.")
     skip_invalid: bool = _f(False, "Skip rows that fail the data check (each one is reported and recorded) instead of stopping.")
     valid_fraction: float = _f(0.0, "With no valid split in data.path: hold out this share of the training documents (at least one) to validate on, drawn with train.seed and listed in the run folder, so evaluate and resumes use the same ones. 0: a valid split is required.")
-    num_workers: int | Literal["auto"] = _f("auto", "DataLoader worker processes (per training process) for image decoding and tokenisation. auto: this machine's CPUs shared among its training processes, one left to each process itself, at most 8 (stated in the log).")
+    num_workers: int | Literal["auto"] = _f(2, "DataLoader worker processes (per training process) for image decoding and tokenisation. auto: this machine's CPUs shared among its training processes, one left to each process itself, at most 8 (stated in the log); for a slow CPU or a large batch.")
 
 
 @dataclass

@@ -157,9 +157,10 @@ def loader_workers(config: Config) -> tuple[int, str]:
     """``data.num_workers`` as a number, and how ``auto`` chose it ("" when it was set).
 
     Every page is decoded and (in the first epoch, or without the image feature cache) resized and cut into
-    patches in the loader's workers: ~110-136 ms of CPU for a 1700x2200 page (docs/performance.md), against an
-    H200 training 12-20 documents a second. So auto takes the CPUs this process may run on, shares them among the
-    training processes of this machine, leaves one to each process's own work, and stops at 8."""
+    patches in the loader's workers: ~110-136 ms of CPU for a 1700x2200 page on the 2-core test machine, against
+    an H200 training 12-20 documents a second. auto takes the CPUs this process may run on, shares them among the
+    training processes of this machine, leaves one to each process's own work, and stops at 8. It is not the
+    default: on the H200 machine (16 CPUs) 2 workers kept up at batch 2 (bench/results/LOG.md, 2026-12-03)."""
     import os
 
     d, t = config.data, config.train
