@@ -133,6 +133,21 @@ def run_peer_rows(args, ckpt: Path, data: Path, env: dict) -> list[dict]:
             for r in d["variants"]]
 
 
+def missing_packages(recipes: list[str], peers: str) -> list[str]:
+    """What this machine lacks for the chosen rows: each process would otherwise fail at its import, after the
+    checkpoint was built (as a device call did on 2026-12-03, its wheels not installed)."""
+    import importlib.util
+
+    need = ["rapidfuzz", "edist"]  # the final validation's scores
+    if "qlora" in recipes or "qlora" in peers:
+        need.append("bitsandbytes")
+    if "trl_" in peers:
+        need += ["trl", "datasets"]
+    if "liger" in peers:
+        need.append("liger_kernel")
+    return [name for name in need if importlib.util.find_spec(name) is None]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="3b", choices=["tiny", "3b", "7b"])
@@ -152,6 +167,9 @@ def main() -> int:
     unknown = [r for r in args.recipes.split(",") if r and r not in RECIPES]
     if unknown:
         ap.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    missing = missing_packages(args.recipes.split(","), args.peers)
+    if missing:
+        ap.error(f"not installed here: {', '.join(missing)} (carry their wheels; see bench/gpu_check.sh)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     args.work = args.work / args.size
     ckpt, data = args.work / "model", args.work / f"data_{args.docs}"
