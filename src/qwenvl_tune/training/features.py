@@ -9,7 +9,9 @@ language model takes the kept features where the image tokens are, as the model 
 
 The loader learns which rows are kept (``RecordDataset.kept``, shared with its worker processes, set here as a
 document is kept) and makes a batch of only kept rows without decoding its pixels into patches, most of a
-page's CPU time in the loader. Keys are the training split's row indices. Budget: ``train.image_cache_gib`` of host memory (0: off); once it
+page's CPU time in the loader.
+
+Keys are the training split's row indices. Budget: ``train.image_cache_gib`` of host memory (0: off); once it
 is full, later documents are not kept and the run says so once. A batch with any document not kept runs the
 tower for the whole batch, as without the cache. Not used where the features would not be the same each epoch
 or where the model builds more from the tower than these features: a trained tower (``model.train_vision`` or
