@@ -52,3 +52,48 @@ def test_auto_on_a_cpu_trains_with_the_default_and_saves_the_number(sample_data,
     assert "train.batch_size=auto: 2 (no CUDA device to measure)" in capsys.readouterr().out
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["batch_size"] == 2 and saved["train"]["accumulate_grad_batches"] == 1  # the user's, kept
+
+
+def test_the_probe_leaves_the_peak_counter_to_training(monkeypatch):
+    """The probe tries sizes above the budget; the peak the run then logs must be training's, not that try's."""
+    import contextlib
+
+    from qwenvl_tune.training import autobatch
+
+    mem = {"now": 2 * GIB, "peak": 2 * GIB}
+
+    class Fabric:
+        device, world_size = torch.device("cuda", 0), 1
+
+        def to_device(self, batch):
+            return batch
+
+        def no_backward_sync(self, module, enabled):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            pass
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, batch):  # 5 GiB a sample at the peak, freed after the step
+            mem["peak"] = max(mem["peak"], mem["now"] + 5 * GIB * batch["n"])
+            return self.w.sum()
+
+    def reset(device=None):
+        mem["peak"] = mem["now"]
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 100 * GIB}))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None: contextlib.nullcontext())
+    module = Module()
+    probe = autobatch.probe_batch_size(Fabric(), module, torch.optim.SGD(module.parameters()),
+                                       lambda b: {"n": b}, limit=64, fraction=0.5)
+    assert probe.chosen == 8 and probe.measured[-1][0] == 12  # 12 x 5 + 2 GiB is over the 50 GiB budget
+    assert mem["peak"] == mem["now"]  # what training logs next starts from here, not from the probe's 62 GiB

@@ -92,6 +92,9 @@ def probe_batch_size(fabric: Any, module: Any, optimizer: Any, batches: Callable
     if fabric.world_size > 1:  # every rank trains with the same size: the smallest any of them chose
         chosen = fabric.all_gather(torch.tensor(probe.chosen, device=device))
         probe.chosen = int(chosen.min())
+    # the run's logged peak (gpu_peak_gib) is training's own, not the probe's largest try: a rejected size's peak
+    # is above the budget by definition (a 2026-12-03 run logged batch 16's 76.4 GiB while training at 12)
+    torch.cuda.reset_peak_memory_stats(device)
     return probe
 
 
