@@ -70,7 +70,10 @@ def _epochs(r: dict[str, Any]) -> str:
 
 
 def training_table(rows: list[dict[str, Any]]) -> str:
-    base = next((r for r in rows if r.get("name") == BASELINE and "samples_per_s" in r), None)
+    # a run of several device calls (field ``call``) is read against the guide of each row's own call where that
+    # call measured one, since a call can land on a fresh machine; otherwise against the run's first
+    bases = [r for r in rows if r.get("name") == BASELINE and "samples_per_s" in r]
+    by_call = {r.get("call"): r for r in reversed(bases)}
     runs = any(r.get("epoch_samples_per_s") for r in rows)  # whole runs of the real command: their epochs too
     extra = (" first / later epochs |", "---|") if runs else ("", "")
     lines = ["| variant | step | batch | samples/s | peak GiB | x guide as written |" + extra[0],
@@ -80,6 +83,7 @@ def training_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r.get('desc', r.get('name'))} | | | error: {str(r.get('error', ''))[:60]} | | |"
                          + (" |" if runs else ""))
             continue
+        base = by_call.get(r.get("call"), bases[0] if bases else None)
         ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
         lines.append(f"| {r.get('desc', r.get('name'))} | {r.get('step', '')} | {r.get('batch', '')} | "
                      f"{_fmt(r['samples_per_s'])} | {_fmt(r.get('peak_gib'), 1)} | {_fmt(ratio)} |"
