@@ -111,6 +111,7 @@ def run_recipe(name: str, args, ckpt: Path, data: Path, env: dict) -> dict:
     accum = re.search(r"(\d+) micro-batch\(es\) per optimizer step", text)
     batch = int(chosen.group(1)) if chosen else 2
     row["batch"], row["accumulate_grad_batches"] = batch, int(accum.group(1)) if accum else 4
+    row["recompiles"] = len(re.findall(r"\[__recompiles\] Recompiling function", text))  # TORCH_LOGS=recompiles
     row.update(epochs_from_metrics(args.work / "runs" / run_name, args.docs, batch * row["accumulate_grad_batches"]))
     return row
 
@@ -183,7 +184,10 @@ def main() -> int:
         write_dataset(data, n_train=args.docs, n_valid=args.valid, seed=0, size=size)
     print(f"checkpoint and data ready in {time.perf_counter() - t0:.0f}s", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           # each recompilation and its reason in the command's log: later epochs' rates wander by a third
+           # (2026-12-03), and a new shape's compilation inside an epoch is one suspect
+           "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
     results = {"bench": "train_speed", "env": {**env_info(), "size": args.size, "docs": args.docs,
                                                "epochs": args.epochs, "source": "bench/train_command.py"},
                "variants": []}
