@@ -80,6 +80,21 @@ def epochs_from_metrics(run: Path, docs: int, first_step_samples: int) -> dict:
             "peak_gib": max(peaks) if peaks else 0.0}
 
 
+# where a command's time goes: the first output line that marks the end of each phase (the console's own lines)
+PHASES = {"data_checked": r"^data valid ", "model_loaded": r"^model .*trainable of", "first_logged_step": r"^step \d+/",
+          "validated": r"^validation after step", "done": r"^done: "}
+
+
+def phases(text: str) -> dict:
+    """Seconds from the command's start to each phase's marker line (see run_recipe's log format)."""
+    out = {}
+    for key, pattern in PHASES.items():
+        m = re.search(r"^\[\s*([\d.]+)s\] " + pattern.lstrip("^"), text, re.M)
+        if m:
+            out[key] = float(m.group(1))
+    return out
+
+
 def run_recipe(name: str, args, ckpt: Path, data: Path, env: dict) -> dict:
     desc, extra = RECIPES[name]
     if name == "auto_80gb":
@@ -96,10 +111,15 @@ def run_recipe(name: str, args, ckpt: Path, data: Path, env: dict) -> dict:
         cmd += ["--train.accelerator=cpu", "--model.dtype=float32", "--train.precision=32-true"]
     log = Path(args.out) / f"log_command_{name}.txt"
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
+    # each line of the command's output with the seconds since its start, so the log shows where the fixed
+    # ~75 s of a 3B run go (imports and the data check, loading, the first step's compilation, validation)
+    with open(log, "w") as fh, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                text=True, errors="replace") as proc:
         fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.call(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            fh.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
+            fh.flush()
+        rc = proc.wait()
     wall = time.perf_counter() - t0
     settings = [a for a in cmd[cmd.index(str(ckpt)) + 1:] if not a.startswith("--run.")]
     row = {"name": f"command_{name}", "desc": desc, "step": "command", "settings": " ".join(settings),
@@ -112,6 +132,7 @@ def run_recipe(name: str, args, ckpt: Path, data: Path, env: dict) -> dict:
     batch = int(chosen.group(1)) if chosen else 2
     row["batch"], row["accumulate_grad_batches"] = batch, int(accum.group(1)) if accum else 4
     row["recompiles"] = len(re.findall(r"\[__recompiles\] Recompiling function", text))  # TORCH_LOGS=recompiles
+    row["phases_s"] = phases(text)
     row.update(epochs_from_metrics(args.work / "runs" / run_name, args.docs, batch * row["accumulate_grad_batches"]))
     return row
 
