@@ -129,13 +129,13 @@ class ImageFeatureCache:
         pixels = "pixel_values" in inputs
         if rows is None or not (pixels or "image_grid_thw" in inputs):
             return inputs, contextlib.nullcontext()
+        missing = [r for r in rows if r not in self.kept]
         if not pixels:  # the loader left them out: it saw every document of the batch flagged as kept
-            missing = [r for r in rows if r not in self.kept]
             if missing:
                 raise RuntimeError(f"training rows {missing} came without pixels but their image features are not "
                                    f"kept (the loader's flags and the cache disagree)")
             self.without_pixels += len(rows)
-        if all(r in self.kept for r in rows):
+        if not missing:
             self.hits += len(rows)
             # each kept copy goes to the device on its own and is joined there: the host never reads a pinned
             # buffer whose copy from the GPU may still be in flight (stream order makes the device side safe)
