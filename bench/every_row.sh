@@ -5,16 +5,18 @@
 # carried wheels first and leaves at most 8 files in $OUT (what the device tool returns; a ninth is dropped).
 #
 #   CALL=1 bash bench/every_row.sh   # the real command with its defaults; the guide as written, its bf16 LoRA,
-#                                    # TRL q/v with Liger at batch 4 (its best: batch 8 was slower, 2026-12-03);
-#                                    # the default step's profile and the GPU numerics check        (~500 s)
+#                                    # TRL q/v with Liger at batch 4 (its best: batch 8 was slower, 2026-12-03) (~440 s)
 #   CALL=2 bash bench/every_row.sh   # the command with qlora and with all-linear LoRA; TRL on the same
-#                                    # all-linear set (language model only); the guide as written   (~510 s)
+#                                    # all-linear set (language model only); the guide as written   (~525 s)
 #   CALL=3 bash bench/every_row.sh   # the command with train.batch_size=auto (an 80 GB card's budget), the
-#                                    # guide as written; the 7B rows beside the 7B guide as written  (~520 s)
+#                                    # guide as written; the default step's profile and the GPU numerics check (~440 s)
+#   CALL=4 bash bench/every_row.sh   # 7B: the guide as written, lora, qlora and low-memory qlora, each in its own
+#                                    # process; then the auto-batch probe's GPU test                        (~420 s)
 #
 # Every call measures the guide as written itself, so each ratio is of one call even when a call lands on a fresh
-# machine (as the 2026-12-03 run's third call did, seconds after the second). About 26 minutes with one machine
-# start: within a session's 30 minutes of device time, with little to spare for a second start.
+# machine (as the 2026-12-03 run's third call did, seconds after the second). All four take about 31 minutes with
+# one machine start, more than a session's 30 minutes of device time: a session runs three of them (the
+# 2026-12-03 run's third call, auto and the 7B rows together, ran out of time in the 7B qlora row).
 #
 # Record with: python bench/results.py --add $OUT/train_command_3b.json --run NAME (the 3B calls under one NAME),
 # the 7B file (train_speed_7b.json) under its own.
@@ -47,17 +49,19 @@ trap collect EXIT
 
 case "${CALL:-1}" in
   1) python3 bench/train_command.py --size 3b --docs 128 --recipes defaults --warmup 16 --steps 16 \
-       --peers guide_qlora_as_written,guide_lora_bf16,trl_lora_b4_liger --work "$WORK" --out "$OUT"
-     # the default step's profile (two micro-batches after 32) and the GPU numerics check, on the same documents
-     python3 bench/train_speed.py --size 3b --data "$WORK/3b/data_128" --ckpt "$WORK/3b/model" --samples 128 \
-       --warmup 32 --steps 8 --variants ours_lora_b2_liger --profile ours_lora_b2_liger --out "$OUT/profile" \
-       > "$OUT/profile_3b_defaults.log" 2>&1 ;;
+       --peers guide_qlora_as_written,guide_lora_bf16,trl_lora_b4_liger --work "$WORK" --out "$OUT" ;;
   2) python3 bench/train_command.py --size 3b --docs 128 --recipes qlora,all_linear --warmup 16 --steps 16 \
        --peers guide_qlora_as_written,trl_lora_b2_lm_linear --work "$WORK" --out "$OUT" ;;
   3) python3 bench/train_command.py --size 3b --docs 128 --recipes auto_80gb --warmup 16 --steps 16 \
        --peers guide_qlora_as_written --work "$WORK" --out "$OUT"
-     python3 bench/train_speed.py --size 7b --samples 64 --warmup 16 --steps 16 --isolate --no-numerics \
+     # the default step's profile (two micro-batches after 32) and the GPU numerics check, on the same documents
+     python3 bench/train_speed.py --size 3b --data "$WORK/3b/data_128" --ckpt "$WORK/3b/model" --samples 128 \
+       --warmup 32 --steps 8 --variants ours_lora_b2_liger --profile ours_lora_b2_liger --out "$OUT/profile" \
+       > "$OUT/profile_3b_defaults.log" 2>&1 ;;
+  4) python3 bench/train_speed.py --size 7b --samples 64 --warmup 16 --steps 16 --isolate --no-numerics \
        --variants guide_qlora_as_written,ours_lora_b2_liger,ours_qlora_b2_liger,ours_qlora_lowmem \
-       --ckpt "$WORK/7b/model" --out "$OUT/7b" > "$OUT/train_speed_7b.log" 2>&1 ;;
+       --ckpt "$WORK/7b/model" --out "$OUT/7b" > "$OUT/train_speed_7b.log" 2>&1
+     # the auto-batch probe's GPU test (its peak-counter reset, 48f4138, shows in CALL=3: the run's logged peak)
+     python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider -k auto_batch > "$OUT/gpu_tests.log" 2>&1 ;;
 esac
 echo "call ${CALL:-1} took $((SECONDS - T0)) s" | tee -a "$OUT/machine.txt"
