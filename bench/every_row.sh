@@ -54,7 +54,8 @@ case "${CALL:-1}" in
        --peers guide_qlora_as_written,trl_lora_b2_lm_linear --work "$WORK" --out "$OUT" ;;
   3) python3 bench/train_command.py --size 3b --docs 128 --recipes auto_80gb --warmup 16 --steps 16 \
        --peers guide_qlora_as_written --work "$WORK" --out "$OUT"
-     # the default step's profile (two micro-batches after 32) and the GPU numerics check, on the same documents
+     # the default step's profile (the warm-up's last optimizer step: 4 micro-batches it already ran) and the GPU
+     # numerics check, on the same documents
      python3 bench/train_speed.py --size 3b --data "$WORK/3b/data_128" --ckpt "$WORK/3b/model" --samples 128 \
        --warmup 32 --steps 8 --variants ours_lora_b2_liger --profile ours_lora_b2_liger --out "$OUT/profile" \
        > "$OUT/profile_3b_defaults.log" 2>&1 ;;
