@@ -61,15 +61,18 @@ def interrupt_at(monkeypatch):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path, interrupt_at, monkeypatch):
-    # 6 training samples, batch 2 -> 3 steps an epoch; 9 steps in all; LoRA dropout on (RNG must be restored)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path, interrupt_at, monkeypatch, workers):
+    # 6 training samples, batch 2 -> 3 steps an epoch; 9 steps in all; LoRA dropout on (RNG must be restored).
+    # The interrupted and resumed runs load with `workers` processes (kept through the run), the reference in its
+    # own process: the same batches either way.
     full = api.train(_cfg(sample_data, tiny_dir, tmp_path, "full"))
     reference = _losses(full)
     assert len(reference) == 9
 
     interrupt_at(3)  # Ctrl-C during epoch 1's first batch: that step finishes, then the run stops mid-epoch
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut"))
+        api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut", **{"data.num_workers": workers}))
     run = tmp_path / "cut"
     ckpt = RunDir(run).latest_resumable()
     assert ckpt is not None and json.loads((ckpt / MARKER).read_text())["global_step"] == 4
@@ -77,7 +80,7 @@ def test_resume_mid_epoch_gives_identical_losses(sample_data, tiny_dir, tmp_path
     assert is_complete(run / "last") and not is_complete(run / "best")
     monkeypatch.undo()
 
-    api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut"), resume=str(run))
+    api.train(_cfg(sample_data, tiny_dir, tmp_path, "cut", **{"data.num_workers": workers}), resume=str(run))
     resumed = _losses(run)
     assert sorted(resumed) == sorted(reference)
     for step in reference:
