@@ -12,6 +12,8 @@
 #                                    # guide as written; the default step's profile and the GPU numerics check (~440 s)
 #   CALL=4 bash bench/every_row.sh   # 7B: the guide as written, lora, qlora and low-memory qlora, each in its own
 #                                    # process; then the auto-batch probe's GPU test                        (~420 s)
+#   CALL=5 bash bench/every_row.sh   # a lead, A/B: qlora with and without double quantisation, each in its own
+#                                    # process, interleaved over two rounds, beside the guide          (~480 s)
 #
 # Every call measures the guide as written itself, so each ratio is of one call even when a call lands on a fresh
 # machine (as the 2026-12-03 run's third call did, seconds after the second). All four take about 31 minutes with
@@ -37,12 +39,13 @@ T0=$SECONDS
 
 collect() {  # every log into one file, the JSON results up from their folders, the folders gone: <= 8 files
   local f
-  for f in "$OUT"/log_*.txt "$OUT"/peers/log_*.txt "$OUT"/7b/log_*.txt "$OUT"/*.log; do
+  for f in "$OUT"/log_*.txt "$OUT"/peers/log_*.txt "$OUT"/7b/log_*.txt "$OUT"/ab/log_*.txt "$OUT"/*.log; do
     [ -f "$f" ] && { echo "===== ${f#$OUT/}"; cat "$f"; }
   done > "$OUT/logs.all" 2>/dev/null
   [ -f "$OUT/7b/train_speed_7b.json" ] && cp "$OUT/7b/train_speed_7b.json" "$OUT/"
   [ -f "$OUT/profile/train_speed_3b.json" ] && cp "$OUT/profile/train_speed_3b.json" "$OUT/train_speed_3b_profile.json"
-  rm -rf "$OUT"/peers "$OUT"/7b "$OUT"/profile "$OUT"/log_*.txt "$OUT"/*.log "$OUT"/peers_log_*.txt
+  [ -f "$OUT/ab/train_speed_3b.json" ] && cp "$OUT/ab/train_speed_3b.json" "$OUT/train_speed_3b_ab.json"
+  rm -rf "$OUT"/peers "$OUT"/7b "$OUT"/profile "$OUT"/ab "$OUT"/log_*.txt "$OUT"/*.log "$OUT"/peers_log_*.txt
   mv "$OUT/logs.all" "$OUT/logs.txt"
 }
 trap collect EXIT
@@ -64,5 +67,7 @@ case "${CALL:-1}" in
        --ckpt "$WORK/7b/model" --out "$OUT/7b" > "$OUT/train_speed_7b.log" 2>&1
      # the auto-batch probe's GPU test (its peak-counter reset, 48f4138, shows in CALL=3: the run's logged peak)
      python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider -k auto_batch > "$OUT/gpu_tests.log" 2>&1 ;;
+  5) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --repeat 2 --no-numerics \
+       --variants qlora-quant --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_quant_ab.log" 2>&1 ;;
 esac
 echo "call ${CALL:-1} took $((SECONDS - T0)) s" | tee -a "$OUT/machine.txt"
