@@ -178,6 +178,43 @@ def test_sigterm_saves_and_exits_nonzero_then_resume_equals(reference, sample_da
     _assert_same_as_reference(run, reference)
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_to_the_whole_process_group_saves_then_resume_equals(sig, reference, sample_data, tiny_dir):
+    """A scheduler signals every process of a job (SLURM at its time limit, `kill -TERM -- -PGID`), the loader's
+    worker processes included. Those used to die of it, and the training process then raised "DataLoader worker
+    ... is killed by signal" in the middle of its checkpoint save (exit 1). The workers now leave stop signals to
+    the training process, which finishes its step and saves as for a signal to it alone."""
+    out = reference[0]
+    name = f"group-{sig}"
+    run, paused, go_on = out / name, out / f"{name}.paused", out / f"{name}.go"
+    env = {**ENV, "FAULT": "pause_after_step", "FAULT_ARG": "4", "PAUSED": str(paused), "GO_ON": str(go_on)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLER, *_args(sample_data, tiny_dir, out, name,
+                                                                   **{"data.num_workers": 2})],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        import time
+
+        deadline = time.time() + 300
+        while not paused.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), proc.communicate()[1][-2000:]  # mid-epoch 1: the loader's workers are running
+        os.killpg(proc.pid, getattr(signal, sig))
+        time.sleep(0.5)  # the signal reaches every process of the group before the run goes on
+        go_on.touch()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (stdout[-2000:], stderr[-3000:])
+    assert "is killed by signal" not in stderr
+    assert stdout.count(f"{sig}: finishing this step and saving a checkpoint") == 1  # the workers said nothing
+    saved = json.loads((run / "last" / MARKER).read_text())["global_step"]
+    assert is_complete(run / "last") and saved == 5, saved  # step 4 (0-based) finished, then saved
+    _run(["train", "--resume", str(run)])
+    _assert_same_as_reference(run, reference)
+
+
 def test_a_second_copy_of_a_running_train_refuses_and_the_first_is_unharmed(reference, sample_data, tiny_dir):
     """Two copies of one command (a double-submitted job, a retry while the first still runs) must not both write
     checkpoints, best/ and last/ into one run folder, nor one delete the other's unfinished writes as stale."""

@@ -11,7 +11,7 @@ Batches are sharded across data-parallel ranks (every rank gets the same number)
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -68,7 +68,7 @@ class ResumableLoader(DataLoader):
     """DataLoader over an ``EpochBatchSampler`` with Lightning's stateful-loader interface."""
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, collate_fn: Any, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, worker_init_fn: Callable[[int], None] | None = None):
         # A private generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout masks would drift from the uninterrupted run's.
         # pin_memory: page-locked batches, so the copy to the GPU does not block the training process
@@ -81,7 +81,7 @@ class ResumableLoader(DataLoader):
         # epoch's iteration begins (set_position included), and the kept-features flags live in shared memory.
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                          persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed),
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, worker_init_fn=worker_init_fn)
         self._sampler = sampler
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ from ..errors import RunFolderError
 from ..modeling.fastpath import FastPath
 from ..modeling.load import load_model_config
 from ..rundir import CheckpointError, RunDir, read_overrides, run_folder_hint
+from .signals import leave_stop_signals_to_the_main_process
 
 
 RUN_NAME_ENV = "QWENVL_TUNE_RUN_NAME"
@@ -277,12 +278,14 @@ def setup_loaders(config: Config, processor: Any, train: SplitReport, valid: Spl
     d, t = config.data, config.train
     enc, vision = _encoder_and_vision(config, processor, fast)
     workers = loader_workers(config)[0]
-    common = dict(num_workers=workers, persistent_workers=workers > 0)
+    common = dict(num_workers=workers, persistent_workers=workers > 0,
+                  worker_init_fn=leave_stop_signals_to_the_main_process)
     lengths = [train.tokens[r.id]["total"] for r in train.records] if train.tokens else None
     sampler = EpochBatchSampler(len(train.records), t.batch_size, t.seed, lengths)
     train_loader = ResumableLoader(RecordDataset(train.records, enc, "train", PageLimits.from_config(d)), sampler,
                                    TrainCollator(enc.pad_id, vision), num_workers=workers,
-                                   pin_memory=torch.cuda.is_available() and t.accelerator != "cpu")
+                                   pin_memory=torch.cuda.is_available() and t.accelerator != "cpu",
+                                   worker_init_fn=leave_stop_signals_to_the_main_process)
     val_loader = DataLoader(RankPadded(RecordDataset(valid.records, enc, "generate", PageLimits.from_config(d))),
                             batch_sampler=RankShardBatchSampler(len(valid.records), config.generate.batch_size),
                             collate_fn=GenerateCollator(enc.pad_id), **common)

@@ -48,3 +48,17 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders' worker processes: they ignore the stop signals, which the training process
+    handles by finishing its step and saving.
+
+    A scheduler may signal a job's whole process group (SLURM at a time limit, ``kill -TERM -- -PGID``, a terminal's
+    Ctrl-C). A worker killed by that SIGTERM made the training process raise "DataLoader worker ... is killed by
+    signal" in the middle of its checkpoint save, and a forked worker ran the training process's inherited handler.
+    Workers still end with the training process: PyTorch's workers exit when their parent is gone or closes the
+    loader.
+    """
+    for sig in NAMES:
+        signal.signal(sig, signal.SIG_IGN)
