@@ -81,15 +81,15 @@ def epochs_from_metrics(run: Path, docs: int, first_step_samples: int) -> dict:
 
 
 # where a command's time goes: the first output line that marks the end of each phase (the console's own lines)
-PHASES = {"data_checked": r"^data valid ", "model_loaded": r"^model .*trainable of", "first_logged_step": r"^step \d+/",
-          "validated": r"^validation after step", "done": r"^done: "}
+PHASES = {"data_checked": r"data valid ", "model_loaded": r"model .*trainable of", "first_logged_step": r"step \d+/",
+          "validated": r"validation after step", "done": r"done: "}
 
 
 def phases(text: str) -> dict:
     """Seconds from the command's start to each phase's marker line (see run_recipe's log format)."""
     out = {}
     for key, pattern in PHASES.items():
-        m = re.search(r"^\[\s*([\d.]+)s\] " + pattern.lstrip("^"), text, re.M)
+        m = re.search(r"^\[\s*([\d.]+)s\] " + pattern, text, re.M)
         if m:
             out[key] = float(m.group(1))
     return out

@@ -287,20 +287,14 @@ def load_variant(v: dict, ckpt: str, cfg, accum: int = 1):
     elif v.get("double_quant", True):
         model = load_base_model(config.model)
     else:  # a lead measured before it becomes an option: the product's 4-bit settings less double quantisation
+        from unittest import mock
+
         from qwenvl_tune.modeling import load as load_mod
 
-        product_q = load_mod.quantization_config
-
-        def single_quant(cfg_model):
-            q = product_q(cfg_model)
-            q.bnb_4bit_use_double_quant = False
-            return q
-
-        load_mod.quantization_config = single_quant
-        try:
+        q = load_mod.quantization_config(config.model)
+        q.bnb_4bit_use_double_quant = False
+        with mock.patch.object(load_mod, "quantization_config", lambda _: q):
             model = load_base_model(config.model)
-        finally:
-            load_mod.quantization_config = product_q
         assert not any(getattr(getattr(p, "quant_state", None), "nested", False) for p in model.parameters())
     fast = resolve_fast(v, config, model.config)
     model = prepare_for_training(model, config, fast)
@@ -461,9 +455,10 @@ def run_variant(v: dict, ckpt: str, cfg, samples: list[Sample], steps: int, warm
         # micro-batches the warm-up already ran, so their shapes have graphs: profiling unseen ones caught a
         # recompilation in 2026-12-03e's profile (4% GPU-busy, 11 s of Inductor for two micro-batches). One whole
         # optimizer step of them where the warm-up holds one, so no micro-batch is left pending for the timing.
-        first = (warmup // accum - 1) * accum if warmup >= accum else warmup
-        seen = range(first, first + accum) if warmup >= accum else range(warmup, warmup + 2)
-        if warmup < accum:
+        if warmup >= accum:
+            seen = range((warmup // accum - 1) * accum, warmup // accum * accum)
+        else:
+            seen = range(warmup, warmup + 2)
             print(f"PROFILE note: warm-up {warmup} < {accum} micro-batches a step: profiling unseen ones", flush=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t_p = time.perf_counter()
