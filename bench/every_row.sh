@@ -12,7 +12,11 @@
 #                                    # guide as written; the default step's profile and the GPU numerics check (~440 s)
 #   CALL=4 bash bench/every_row.sh   # 7B: the guide as written, lora, qlora and low-memory qlora, each in its own
 #                                    # process; then the auto-batch probe's GPU test                        (~420 s)
-#   CALL=5 bash bench/every_row.sh   # a lead, A/B: qlora with and without double quantisation, each in its own
+#   CALL=5 bash bench/every_row.sh   # QLoRA's 4-bit products in the compiled layers, A/B: unpacked by tensor
+#                                    # operations (the product) against bitsandbytes' operators there, and with
+#                                    # compiled 4-bit vision blocks, each in its own process, beside the guide; then
+#                                    # the unpacking's GPU test                                          (~380 s)
+#   CALL=6 bash bench/every_row.sh   # a lead, A/B: qlora with and without double quantisation, each in its own
 #                                    # process, interleaved over two rounds, beside the guide          (~480 s)
 #
 # Every call measures the guide as written itself, so each ratio is of one call even when a call lands on a fresh
@@ -67,7 +71,10 @@ case "${CALL:-1}" in
        --ckpt "$WORK/7b/model" --out "$OUT/7b" > "$OUT/train_speed_7b.log" 2>&1
      # the auto-batch probe's GPU test (its peak-counter reset, 48f4138, shows in CALL=3: the run's logged peak)
      python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider -k auto_batch > "$OUT/gpu_tests.log" 2>&1 ;;
-  5) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --repeat 2 --no-numerics \
+  5) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --no-numerics \
+       --variants qlora-nf4 --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_nf4_ab.log" 2>&1
+     python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider -k 4bit_weights > "$OUT/gpu_tests.log" 2>&1 ;;
+  6) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --repeat 2 --no-numerics \
        --variants qlora-quant --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_quant_ab.log" 2>&1 ;;
 esac
 echo "call ${CALL:-1} took $((SECONDS - T0)) s" | tee -a "$OUT/machine.txt"

@@ -229,7 +229,7 @@ def resolve_fast(v: dict, config, hf_config):
              "lora_bf16_inputs": not v.get("lora_input_cast", False), "loader_indices": v.get("loader_index", True),
              "chunked_loss": v.get("chunked", True), "native_rms_norm": v.get("native_rms_norm", True),
              "frozen_vision_attention": v.get("vision_module", True), "compile_layers": compiles(v),
-             "compile_vision": v.get("compile_vision", True)}
+             "compile_vision": v.get("compile_vision", True), "compiled_4bit": v.get("compiled_4bit", True)}
     fast = fast.replace(**{k: getattr(fast, k) and on for k, on in flags.items()})
     if v.get("force_compile_vision") and fast.compile_layers:
         fast = fast.replace(compile_vision=True)  # a path the product does not take yet (QLoRA), measured first
@@ -738,6 +738,11 @@ VARIANTS = [
     # QLoRA's host time (issue 20 lead): double quantisation dequantises each 4-bit weight's block scales first
     # (bitsandbytes' dequantize_blockwise and an add, forward and backward); float32 scales take one custom op per
     # dequantisation instead, for ~0.15 GiB more at 3B (4 bytes per 64 weights instead of ~1)
+    # QLoRA's 4-bit products inside the compiled layers: unpacked by tensor operations that Inductor fuses (the
+    # product since 2026-12-03, eleventh session) against bitsandbytes' own operators there (before)
+    {"name": "ours_qlora_b2_liger_bnb_ops", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
+     "compiled_4bit": False, "desc": "qlora defaults with bitsandbytes' operators inside the compiled layers (before "
+                                     "2026-12-03, eleventh session)"},
     {"name": "ours_qlora_b2_liger_single_quant", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "double_quant": False, "desc": "qlora defaults without double quantisation (float32 block scales)"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",
@@ -803,6 +808,9 @@ PRESETS = {
     #   --variants headline --isolate --samples 128 --warmup 32 --steps 32   (two calls of ~6 minutes: split it)
     # A/B, each in its own process and interleaved: --variants qlora-quant --isolate --repeat 2 --no-numerics
     "qlora-quant": ["guide_qlora_as_written", "ours_qlora_b2_liger", "ours_qlora_b2_liger_single_quant"],
+    # the same for the 4-bit products unpacked in the compiled graphs; with them, compiled 4-bit vision blocks too
+    "qlora-nf4": ["guide_qlora_as_written", "ours_qlora_b2_liger", "ours_qlora_b2_liger_bnb_ops",
+                  "ours_qlora_b2_liger_compiled_vision"],
     "headline": ["guide_qlora_as_written", "guide_lora_bf16", "ours_lora_b2_liger", "ours_qlora_b2_liger",
                  "ours_lora_b2_liger_all_linear", "trl_lora_b2_lm_linear", "trl_lora_b2_liger", "trl_lora_b4_liger"],
     # the host-time leads beside the defaults, each in its own process (--isolate; they set compiler options)

@@ -389,3 +389,37 @@ def test_compiled_decoder_layers_match_eager_with_inductor_and_repeat_exactly(ti
         again = run(compiled, batch)
         assert again[0] == lc and torch.equal(again[1], gc), "the same random state gives the same step"
     assert graphs[0] > 0 and graphs[2] == graphs[1], graphs
+
+
+def test_4bit_weights_unpack_like_bitsandbytes_cuda_kernel_and_the_inductor_product_matches(tiny_dir):
+    """QLoRA's products inside compiled layers (``modeling/nf4.py``): on the GPU, the tensor-operation unpacking
+    equals bitsandbytes' CUDA dequantisation bit for bit, eagerly; under Inductor (one generated kernel, where
+    a multiply-add may fuse) the weight and the product stay within a bf16 rounding of bitsandbytes' layer."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bf
+
+    from qwenvl_tune.modeling import nf4
+
+    torch.manual_seed(0)
+    for nested in (True, False):
+        layer = bnb.nn.Linear4bit(2048, 11008, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                  compress_statistics=nested, quant_storage=torch.bfloat16)
+        layer.weight = bnb.nn.Params4bit(torch.randn(11008, 2048) * 0.02, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=nested, quant_storage=torch.bfloat16)
+        layer = layer.cuda()
+        layer.bias = torch.nn.Parameter(torch.randn(11008, device="cuda", dtype=torch.bfloat16), requires_grad=False)
+        want_w = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(nf4.dequantize(layer.weight), want_w)
+        compiled_w = torch.compile(nf4.dequantize)(layer.weight)
+        assert (compiled_w.float() - want_w.float()).abs().max() <= want_w.float().abs().max() * 2 ** -8
+
+        x = torch.randn(2, 700, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        want = layer(x)
+        want.float().pow(2).mean().backward()
+        want_grad, x.grad = x.grad.clone(), None
+        nf4.make_compilable(torch.nn.Sequential(layer))
+        torch._dynamo.reset()
+        got = torch.compile(layer)(x)
+        got.float().pow(2).mean().backward()
+        for a, b in ((got, want), (x.grad, want_grad)):
+            assert (a.float() - b.float()).norm() / b.float().norm() < 4e-3

@@ -22,7 +22,9 @@ Each trick computes the plain path's numbers with less waste (equivalence tests 
   ``kernels: liger``), one varlen call, proj (``attention.py``);
 - ``compile_layers``: the language model's decoder layers through ``torch.compile`` while training
   (``compiled.py``); Liger's SwiGLU and rotary then stay out of them (``liger_language_model``), as Inductor
-  fuses that element-wise work itself; ``compile_vision``: a frozen tower's blocks too.
+  fuses that element-wise work itself; ``compile_vision``: a frozen tower's blocks too;
+- ``compiled_4bit``: QLoRA's 4-bit products unpacked with tensor operations inside the compiled layers, where
+  Inductor fuses them, instead of bitsandbytes' host-heavy operators (``nf4.py``).
 
 Benchmarks ablate a trick by ``fast.replace(align_vision_mlp=False)``; nothing is patched.
 """
@@ -59,6 +61,7 @@ class FastPath:
     compile_layers: bool = False
     compile_vision: bool = False  # a frozen tower's blocks compiled too (with compile_layers)
     liger_language_model: bool = True  # Liger's SwiGLU and rotary in the language model (off when it is compiled)
+    compiled_4bit: bool = False  # QLoRA's products traceable inside the compiled layers
     notes: tuple[str, ...] = ()  # why a trick that could apply is off
 
     @classmethod
@@ -118,7 +121,8 @@ class FastPath:
         return cls(align_vision_mlp=align, loader_indices=loader, chunked_loss=not fsdp, lora_bf16_inputs=autocast,
                    flash_sdpa=cuda, kernels=kernels, native_rms_norm=native, frozen_vision_attention=not train_vision,
                    compile_layers=compile_layers, compile_vision=compile_vision,
-                   liger_language_model=not compile_layers, notes=tuple(notes))
+                   liger_language_model=not compile_layers, compiled_4bit=compile_layers and model_cfg.method == "qlora",
+                   notes=tuple(notes))
 
     def replace(self, **flags: Any) -> "FastPath":
         return dataclasses.replace(self, **flags)
@@ -162,6 +166,11 @@ class FastPath:
             vision = f" and {len(vision_blocks(model))} vision blocks" if self.compile_vision else ""
             done.append(f"language model: {len(decoder_layers(model))} decoder layers{vision} compiled for training "
                         f"(torch.compile; the first batches of new shapes take a while to compile)")
+        if self.compiled_4bit:
+            from .nf4 import make_compilable
+
+            done.append(f"4-bit products: {make_compilable(model)} layers unpacked by tensor operations inside the "
+                        f"compiled graphs (bitsandbytes' own operators elsewhere)")
         if self.align_vision_mlp:
             n = align_vision_mlp(model)
             family = getattr(getattr(model, "config", None), "model_type", None)
