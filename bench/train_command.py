@@ -196,7 +196,8 @@ def main() -> int:
     args.work = args.work / args.size
     ckpt, data = args.work / "model", args.work / f"data_{args.docs}"
     t0 = time.perf_counter()
-    if not (ckpt / "config.json").exists():
+    # the command needs the processor beside the weights (train_speed.py's checkpoint of the same path has none)
+    if not ((ckpt / "config.json").exists() and (ckpt / "tokenizer_config.json").exists()):
         build_checkpoint(ckpt, args.size)
     if not (data / "train" / "annotations.jsonl").exists():
         from qwenvl_tune.data.synthetic import write_dataset

@@ -12,8 +12,11 @@ codes times a scale per 256 blocks, plus an offset), which Inductor fuses into o
 and launches from its compiled wrapper. The arithmetic is bitsandbytes' own: float32 table value times float32
 scale, rounded once to the compute dtype (tests compare it with bitsandbytes' dequantisation bit for bit).
 
-The product is an autograd function that keeps only the packed weight for the backward pass and unpacks it again
-there, as bitsandbytes does: the unpacked weight is never saved, so memory stays QLoRA's.
+The unpacking is marked for recomputation (an activation-checkpoint region of its own): the backward pass unpacks
+the weight again from the packed codes, as bitsandbytes does, and the unpacked weight is never kept between the
+passes, so memory stays QLoRA's. Without the mark the compiler's partitioner saves every unpacked weight for the
+backward pass (it may not recompute a tensor the backward's matrix product reads): +5.2 GiB at 3B on an H200,
+measured (bench/results/LOG.md, 2026-12-03 eleventh session).
 
 Only inside a compiled graph (``torch.compiler.is_compiling()``): eager calls (validation, generation, export, a
 CPU run without ``model.compile``) keep bitsandbytes' fused operators, which are faster one call at a time.
@@ -78,39 +81,19 @@ def dequantize(weight: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
                   tuple(s.shape), dtype or s.dtype)
 
 
-class _Product(torch.autograd.Function):
-    """``x @ W.T + b`` with W unpacked in the forward pass and again in the backward one (never saved)."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape):
-        w = unpack(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, x.dtype)
-        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
-        ctx.meta = (blocksize, blocksize2, shape, x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            blocksize, blocksize2, shape, dtype = ctx.meta
-            w = unpack(*ctx.saved_tensors, blocksize, blocksize2, shape, dtype)
-            grad_x = grad.to(dtype) @ w
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None, None, None, None, None, None
-
-
 def product(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """What ``bitsandbytes.nn.Linear4bit.forward`` computes, traceable: input in the compute dtype, result back."""
+    """What ``bitsandbytes.nn.Linear4bit.forward`` computes, traceable: input in the compute dtype, result back;
+    the unpacked weight recomputed for the backward pass, not saved."""
     weight = module.weight
     s = weight.quant_state
     dtype = module.compute_dtype or x.dtype
     bias = module.bias.to(dtype) if module.bias is not None else None
     nested = s.nested
-    out = _Product.apply(x.to(dtype), bias, weight, s.absmax, s.code, s.state2.absmax if nested else None,
-                         s.state2.code if nested else None, s.offset if nested else None, s.blocksize,
-                         s.state2.blocksize if nested else 0, tuple(s.shape))
-    return out.to(x.dtype)
+    w = torch.utils.checkpoint.checkpoint(
+        unpack, weight, s.absmax, s.code, s.state2.absmax if nested else None, s.state2.code if nested else None,
+        s.offset if nested else None, s.blocksize, s.state2.blocksize if nested else 0, tuple(s.shape), dtype,
+        use_reentrant=False)
+    return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 
 
 @functools.cache
