@@ -130,6 +130,8 @@ def test_model_compile_setting_resolves_per_machine_and_method(tiny_dir, tmp_pat
     assert resolve(True).compile_vision and not resolve(True, **{"model.train_vision": True}).compile_vision
     qlora = resolve(True, **{"model.method": "qlora", "model.dtype": "bfloat16"})
     assert qlora.compile_layers and not qlora.compile_vision and any("QLoRA" in n for n in qlora.notes)
+    assert qlora.compiled_4bit and not resolve(True).compiled_4bit  # 4-bit products unpacked in the graphs
+    assert not resolve(False, **{"model.method": "qlora", "model.dtype": "bfloat16"}).compiled_4bit  # none compiled
     gc = resolve(True, **{"model.gradient_checkpointing": True})
     assert not gc.compile_layers and any("gradient checkpointing" in n for n in gc.notes)
     fsdp = FastPath.resolve(build_config(None, tiny_overrides(tmp_path, tiny_dir, tmp_path)).model, hf, cuda=True,

@@ -93,6 +93,12 @@ def test_product_and_its_input_gradient_equal_bitsandbytes_layer_in_and_out_of_a
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     assert len(graphs) == 2 and BNB_OP not in graphs[1] and "tag_activation_checkpoint" in graphs[1]
     assert torch.equal(run(layer)[0], want[0])  # eager calls keep bitsandbytes' operator
+    with torch.no_grad():  # inference graphs (a frozen tower's compiled blocks): the same product
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(layer, backend="aot_eager")(x), want[0])
+    import pickle
+
+    assert pickle.loads(pickle.dumps(type(layer))) is type(layer)  # importable by name
     torch._dynamo.reset()
 
 

@@ -109,7 +109,15 @@ def _compilable_class() -> type:
                 return product(self, x)
             return super().forward(x)
 
+    CompilableLinear4bit.__module__, CompilableLinear4bit.__qualname__ = __name__, "CompilableLinear4bit"
     return CompilableLinear4bit
+
+
+def __getattr__(name: str) -> Any:
+    # the subclass by its module path (pickle, copies in other processes), made on first use
+    if name == "CompilableLinear4bit":
+        return _compilable_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_compilable(model: torch.nn.Module) -> int:
