@@ -73,11 +73,23 @@ def register() -> str:
 
 
 def enable_fast_vision_attention(model: torch.nn.Module) -> bool:
-    """Route the vision tower's attention through the varlen kernel. Returns whether a tower was found."""
+    """Route the vision tower's attention through the varlen kernel. Returns whether a tower was found.
+
+    Set on the vision configs themselves (the model's and its tower's, which may be a copy), which the tower's
+    attention reads at each call, rather than through ``set_attn_implementation``: from transformers 5.25 that
+    method takes any implementation whose name contains "flash" for a Hugging Face hub kernel and tries to download
+    it, a registered function included ("Could not find the currently requested flash attention implementation").
+    """
+    from .align import vision_tower
+
     register()
-    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision_config is None:
         return False
-    model.set_attn_implementation({"vision_config": VARLEN_ATTENTION})
+    tower = vision_tower(model)
+    for config in (vision_config, getattr(tower, "config", None)):
+        if config is not None:
+            config._attn_implementation = VARLEN_ATTENTION
     return model.config.vision_config._attn_implementation == VARLEN_ATTENTION
 
 
