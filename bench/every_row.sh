@@ -16,10 +16,10 @@
 #                                    # operations (the product) against bitsandbytes' operators there, and with
 #                                    # compiled 4-bit vision blocks, each in its own process, beside the guide; then
 #                                    # the unpacking's GPU test                                          (~380 s)
-#   CALL=7 bash bench/every_row.sh   # the command with qlora and the guide as written; then the default step's
-#                                    # profile (no numerics check)                                       (~420 s)
 #   CALL=6 bash bench/every_row.sh   # a lead, A/B: qlora with and without double quantisation, each in its own
 #                                    # process, interleaved over two rounds, beside the guide          (~480 s)
+#   CALL=7 bash bench/every_row.sh   # the command with qlora and the guide as written; then the default step's
+#                                    # profile (no numerics check)                                       (~420 s)
 #
 # Every call measures the guide as written itself, so each ratio is of one call even when a call lands on a fresh
 # machine (as the 2026-12-03 run's third call did, seconds after the second). All four take about 31 minutes with
@@ -76,12 +76,12 @@ case "${CALL:-1}" in
   5) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --no-numerics \
        --variants qlora-nf4 --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_nf4_ab.log" 2>&1
      python3 -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider -k 4bit_weights > "$OUT/gpu_tests.log" 2>&1 ;;
+  6) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --repeat 2 --no-numerics \
+       --variants qlora-quant --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_quant_ab.log" 2>&1 ;;
   7) python3 bench/train_command.py --size 3b --docs 128 --recipes qlora --warmup 16 --steps 16 \
        --peers guide_qlora_as_written --work "$WORK" --out "$OUT"
      python3 bench/train_speed.py --size 3b --data "$WORK/3b/data_128" --ckpt "$WORK/3b/model" --samples 128 \
        --warmup 32 --steps 8 --no-numerics --variants ours_lora_b2_liger --profile ours_lora_b2_liger \
        --out "$OUT/profile" > "$OUT/profile_3b_defaults.log" 2>&1 ;;
-  6) python3 bench/train_speed.py --size 3b --samples 64 --warmup 16 --steps 16 --isolate --repeat 2 --no-numerics \
-       --variants qlora-quant --ckpt "$WORK/3b/model" --out "$OUT/ab" > "$OUT/qlora_quant_ab.log" 2>&1 ;;
 esac
 echo "call ${CALL:-1} took $((SECONDS - T0)) s" | tee -a "$OUT/machine.txt"

@@ -735,14 +735,14 @@ VARIANTS = [
      "desc": "train.batch_size=auto, 80 GB budget, before 2026-12-02 evening (Liger RMSNorm, library vision attention)"},
     {"name": "ours_qlora_b2_liger", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "desc": "qwenvl-tune qlora + liger kernels, batch 2 length-grouped"},
-    # QLoRA's host time (issue 20 lead): double quantisation dequantises each 4-bit weight's block scales first
-    # (bitsandbytes' dequantize_blockwise and an add, forward and backward); float32 scales take one custom op per
-    # dequantisation instead, for ~0.15 GiB more at 3B (4 bytes per 64 weights instead of ~1)
     # QLoRA's 4-bit products inside the compiled layers: unpacked by tensor operations that Inductor fuses (the
     # product since 2026-12-03, eleventh session) against bitsandbytes' own operators there (before)
     {"name": "ours_qlora_b2_liger_bnb_ops", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "compiled_4bit": False, "desc": "qlora defaults with bitsandbytes' operators inside the compiled layers (before "
                                      "2026-12-03, eleventh session)"},
+    # QLoRA's host time (issue 20 lead): double quantisation dequantises each 4-bit weight's block scales first
+    # (bitsandbytes' dequantize_blockwise and an add, forward and backward); float32 scales take one custom op per
+    # dequantisation instead, for ~0.15 GiB more at 3B (4 bytes per 64 weights instead of ~1)
     {"name": "ours_qlora_b2_liger_single_quant", "method": "qlora", "fast": True, "batch": 2, "kernels": "liger",
      "double_quant": False, "desc": "qlora defaults without double quantisation (float32 block scales)"},
     {"name": "ours_lora_b4_liger", "method": "lora", "fast": True, "batch": 4, "kernels": "liger",

@@ -72,27 +72,25 @@ def unpack(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absma
     return (values * scale.view(-1, 1)).view(shape).to(dtype)
 
 
+def _state(s: Any) -> tuple:
+    """``unpack``'s arguments after the packed codes and before the dtype, from a bitsandbytes ``QuantState``."""
+    n = s.nested
+    return (s.absmax, s.code, s.state2.absmax if n else None, s.state2.code if n else None, s.offset if n else None,
+            s.blocksize, s.state2.blocksize if n else 0, tuple(s.shape))
+
+
 def dequantize(weight: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A bitsandbytes 4-bit weight (``Params4bit``) unpacked with tensor operations."""
-    s = weight.quant_state
-    nested = s.nested
-    return unpack(weight, s.absmax, s.code, s.state2.absmax if nested else None, s.state2.code if nested else None,
-                  s.offset if nested else None, s.blocksize, s.state2.blocksize if nested else 0,
-                  tuple(s.shape), dtype or s.dtype)
+    return unpack(weight, *_state(weight.quant_state), dtype or weight.quant_state.dtype)
 
 
 def product(module: Any, x: torch.Tensor) -> torch.Tensor:
     """What ``bitsandbytes.nn.Linear4bit.forward`` computes, traceable: input in the compute dtype, result back;
     the unpacked weight recomputed for the backward pass, not saved."""
-    weight = module.weight
-    s = weight.quant_state
     dtype = module.compute_dtype or x.dtype
     bias = module.bias.to(dtype) if module.bias is not None else None
-    nested = s.nested
-    w = torch.utils.checkpoint.checkpoint(
-        unpack, weight, s.absmax, s.code, s.state2.absmax if nested else None, s.state2.code if nested else None,
-        s.offset if nested else None, s.blocksize, s.state2.blocksize if nested else 0, tuple(s.shape), dtype,
-        use_reentrant=False)
+    w = torch.utils.checkpoint.checkpoint(unpack, module.weight, *_state(module.weight.quant_state), dtype,
+                                          use_reentrant=False)
     return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 
 
